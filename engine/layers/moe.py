@@ -1,0 +1,121 @@
+"""ERNIE-4.5 mixture of experts.
+
+ERNIE routes with a softmax over the expert logits (in fp32), picks the top-k experts by
+`softmax + e_score_correction_bias` (the bias only steers selection, it never scales the
+output), and renormalises the chosen probabilities to sum to one. The VL model keeps two
+isolated expert groups — text tokens only ever reach text experts and image/video tokens
+only vision experts — plus shared experts that every token passes through.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.linear import check_shape
+from engine.layers.mlp import GatedMLP
+from kernels.moe import fused_moe
+
+
+class Router(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, top_k: int, norm_min: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size, dtype=torch.float32))
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(num_experts, dtype=torch.float32), requires_grad=False
+        )
+        self.top_k = top_k
+        self.norm_min = norm_min
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x `[T, D]` -> (weights `[T, k]` fp32, expert ids `[T, k]` int32)."""
+        probs = F.softmax(F.linear(x.float(), self.weight.float()), dim=-1)  # [T, E]
+        _, ids = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
+        weights = probs.gather(-1, ids)
+        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        return weights, ids.to(torch.int32)
+
+
+class Experts(nn.Module):
+    """E gated-SiLU experts stored stacked: gate_up `[E, 2I, D]`, down `[E, D, I]`."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
+        )
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def load_expert(self, name: str, tensor: torch.Tensor, expert: int, part: str) -> None:
+        """Fill one expert from per-expert checkpoint tensors (`gate`, `up` or `down`)."""
+        inter = self.down_proj.shape[-1]
+        targets = {
+            "gate": self.gate_up_proj[expert, :inter],
+            "up": self.gate_up_proj[expert, inter:],
+            "down": self.down_proj[expert],
+        }
+        target = targets[part]
+        check_shape(name, target.shape, tensor.shape)
+        with torch.no_grad():
+            target.copy_(tensor)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
+
+
+class ExpertGroup(nn.Module):
+    """Router + routed experts of one modality."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        top_k: int,
+        norm_min: float,
+    ) -> None:
+        super().__init__()
+        self.gate = Router(num_experts, hidden_size, top_k, norm_min)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        return self.experts(x, weights.to(torch.float32), ids)
+
+
+class MoEBlock(nn.Module):
+    """Text experts, optional vision experts, optional shared experts."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        top_k: int,
+        norm_min: float,
+        text: tuple[int, int],
+        vision: tuple[int, int] | None,
+        shared_intermediate: int,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.text_moe = ExpertGroup(text[0], hidden_size, text[1], top_k, norm_min)
+        self.vision_moe = (
+            ExpertGroup(vision[0], hidden_size, vision[1], top_k, norm_min) if vision else None
+        )
+        self.shared_experts = (
+            GatedMLP(hidden_size, shared_intermediate, bias) if shared_intermediate else None
+        )
+
+    def forward(self, x: torch.Tensor, vision_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x `[T, D]`; vision_mask `[T]` bool marks image/video tokens (VL only)."""
+        if self.vision_moe is None or vision_mask is None or not bool(vision_mask.any()):
+            out = self.text_moe(x)
+        else:
+            out = torch.empty_like(x)
+            text_mask = ~vision_mask
+            if bool(text_mask.any()):
+                out[text_mask] = self.text_moe(x[text_mask])
+            out[vision_mask] = self.vision_moe(x[vision_mask])
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

@@ -1,0 +1,270 @@
+"""The engine loop: requests in, one scheduled model step at a time, token diffs out.
+
+`add_request` validates and queues; `step` schedules, runs the model once over the whole
+flat batch, samples the rows that finished their prompt (or decode), applies stop
+conditions and returns what changed. `abort` frees a request at any point. Single
+threaded: a server drives it from one thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from chat.template import ChatTemplate
+from chat.tokenizer import Tokenizer
+from engine.config import ModelConfig
+from engine.kv_cache import KVCacheManager
+from engine.model_runner import ModelRunner, StepSequence
+from engine.models import load_model
+from engine.multimodal import MediaInput, prepare_prompt
+from engine.request import Request, RequestOutput, RequestStatus
+from engine.sampler import RequestSamplingState, Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long, bad media, duplicate id)."""
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    model: str = "tiny-ernie-vl"
+    model_source: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """KV blocks in the pool; None = enough for max_num_seqs full-length sequences (CPU) or
+    90% of free GPU memory after the weights."""
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+
+
+def resolve_model_path(name: str, source: str | None = None) -> Path:
+    from engine.hub import resolve_model
+    from engine.tiny import TINY_MODEL_NAME, ensure_tiny_model
+
+    if name == TINY_MODEL_NAME:
+        return ensure_tiny_model()
+    return resolve_model(name, source=source)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.dtype = getattr(torch, args.dtype)
+        self.path = resolve_model_path(args.model, args.model_source)
+        self.model, self.model_config = load_model(self.path, self.dtype, self.device)
+        self.tokenizer = Tokenizer.from_dir(self.path)
+        self.chat_template = ChatTemplate.from_dir(self.path)
+        cfg = self.model_config.text
+        self.max_model_len = min(
+            args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
+        )
+        num_blocks = args.num_kv_blocks or self._default_num_blocks()
+        self.kv = KVCacheManager(args.block_size, num_blocks, args.enable_prefix_caching)
+        self.runner = ModelRunner(
+            self.model, self.model_config, num_blocks, args.block_size, self.dtype, self.device
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill
+            ),
+            self.kv,
+        )
+        self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(args.seed))
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.think_end_id = self.tokenizer.token_to_id("</think>")
+        self.think_start_id = self.tokenizer.token_to_id("<think>")
+
+    def _default_num_blocks(self) -> int:
+        per_seq = -(-min(self.max_model_len, 4096) // self.args.block_size)
+        return max(per_seq * min(self.args.max_num_seqs, 8), per_seq) + 1
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids = self.model_config.text.eos_token_ids
+        if not ids and self.tokenizer.eos_token_id is not None:
+            ids = (self.tokenizer.eos_token_id,)
+        return ids
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        media: list[MediaInput] | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        media = media or []
+        self._validate(prompt_token_ids, params)
+        prompt = prepare_prompt(self.model, self.model_config, prompt_token_ids, media)
+        max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
+        max_tokens = min(max_tokens, self.max_model_len - len(prompt_token_ids))
+        sampling = RequestSamplingState(
+            params=params,
+            prompt_token_ids=prompt_token_ids,
+            eos_token_ids=self.eos_token_ids,
+            think_end_token_id=self.think_end_id,
+            in_reasoning=self._opens_reasoning(prompt_token_ids),
+        )
+        req = Request(
+            request_id,
+            prompt,
+            media,
+            params,
+            sampling,
+            max_tokens,
+            arrival=next(self._arrivals),
+            cache_salt=cache_salt,
+        )
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_config.text.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; this model serves at most "
+                f"{self.max_model_len} (max_model_len), leaving room for one output token"
+            )
+        if params.max_tokens is not None and len(ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+
+    def _opens_reasoning(self, ids: list[int]) -> bool:
+        """The prompt leaves the model inside `<think>` (ERNIE's thinking mode)."""
+        for tok in reversed(ids):
+            if tok == self.think_end_id:
+                return False
+            if tok == self.think_start_id:
+                return True
+        return False
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.status.is_finished:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ------------------------------------------------------------------ stepping
+
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        seqs = [
+            self._step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
+        ]
+        logits = self.runner.run(seqs)
+        done = [
+            (r, n)
+            for r, n, lg in zip(plan.requests, plan.num_tokens, logits, strict=True)
+            if lg.shape[0] > 0
+        ]
+        outputs = []
+        for req, n in zip(plan.requests, plan.num_tokens, strict=True):
+            req.num_computed_tokens += n
+            self.kv.cache_blocks(req, req.num_computed_tokens)
+        if done:
+            rows = torch.cat([lg for lg in logits if lg.shape[0] > 0])
+            sampled = self.sampler(rows, [r.sampling for r, _ in done])
+            tokens = sampled.sampled_token_ids.tolist()
+            for i, ((req, _), tok) in enumerate(zip(done, tokens, strict=True)):
+                outputs.append(self._append(req, tok, sampled.logprobs, i))
+        return outputs
+
+    def _step_sequence(self, req: Request, n: int) -> StepSequence:
+        start = req.num_computed_tokens
+        end = start + n
+        return StepSequence(
+            token_ids=req.token_ids[start:end],
+            positions=req.prompt.positions_for(start, end),
+            num_computed=start,
+            block_ids=self.kv.block_ids(req.request_id),
+            media=req.prompt.media,
+            vision_rows=None
+            if req.prompt.vision_rows is None
+            else _rows(req.prompt.vision_rows, start, end),
+            logits="last" if end == req.num_tokens else "none",
+        )
+
+    def _append(self, req: Request, token: int, logprobs, row: int) -> RequestOutput:
+        req.output_token_ids.append(token)
+        req.sampling.append_token(token)
+        status = None
+        if token in req.sampling.ending_token_ids() and len(req.output_token_ids) >= max(
+            1, req.params.min_tokens
+        ):
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
+        elif len(req.output_token_ids) >= req.max_tokens:
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.scheduler.finish(req, status)
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=[token],
+            finished=status is not None,
+            finish_reason=status.finish_reason if status else None,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_output_tokens=len(req.output_token_ids),
+            new_logprobs=_logprob_dict(logprobs, row, req.params.logprobs),
+        )
+
+    def stop_request(self, request_id: str) -> None:
+        """Finish a request as stopped (a stop string matched on the text side)."""
+        req = self.requests.pop(request_id, None)
+        if req is not None and not req.status.is_finished:
+            self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.kv.num_used_blocks
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model_config
+
+
+def _rows(mask: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Vision-expert rows for sequence rows [start, end): generated tokens are text."""
+    out = torch.zeros(end - start, dtype=torch.bool)
+    p = mask.shape[0]
+    if start < p:
+        out[: min(end, p) - start] = mask[start : min(end, p)]
+    return out
+
+
+def _logprob_dict(logprobs, row: int, k: int | None) -> list[dict[int, float]] | None:
+    """{token id: logprob} of the sampled token (first) and the request's top k."""
+    if logprobs is None or k is None:
+        return None
+    ids = logprobs.token_ids[row, : 1 + k].tolist()
+    vals = logprobs.logprobs[row, : 1 + k].tolist()
+    return [dict(zip(ids, vals, strict=True))]

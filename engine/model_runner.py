@@ -1,0 +1,143 @@
+"""Runs one engine step on the model: owns the KV cache tensors, builds the flat batch.
+
+The scheduler decides *what* runs (which tokens of which sequences, in which blocks); the
+runner turns that into tensors — token ids, positions, slot mapping, block tables,
+multimodal embeddings spliced over their placeholder rows — runs the model once and returns
+the logits of the rows that need sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.config import ModelConfig
+from engine.layers.attention import AttentionMetadata, KVCache
+from engine.models import ErnieModel
+
+
+@dataclass
+class MediaSlice:
+    """Embeddings of one image/video covering prompt rows `[start, start + len(embeds))`."""
+
+    start: int
+    embeds: torch.Tensor  # [n, D]
+
+
+@dataclass
+class StepSequence:
+    """The part of one sequence computed in this step."""
+
+    token_ids: list[int]
+    positions: torch.Tensor  # [3, n] (VL) or [n] (text) for these tokens
+    num_computed: int  # tokens of this sequence already in the KV cache
+    block_ids: list[int]
+    media: list[MediaSlice] = field(default_factory=list)  # absolute prompt rows
+    vision_rows: torch.Tensor | None = None  # [n] bool: rows for the vision experts
+    logits: str = "last"  # "last", "all" or "none"
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: ErnieModel,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.model, self.cfg = model, cfg
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.dtype, self.device = dtype, device
+        t = cfg.text
+        shape = (num_blocks, block_size, t.num_kv_heads, t.head_dim)
+        self.kv_caches: list[KVCache] = [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(t.num_layers)
+        ]
+
+    @staticmethod
+    def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        t = cfg.text
+        elem = torch.tensor([], dtype=dtype).element_size()
+        return 2 * t.num_layers * block_size * t.num_kv_heads * t.head_dim * elem
+
+    def slot_mapping(self, seq: StepSequence) -> list[int]:
+        bs = self.block_size
+        start = seq.num_computed
+        return [
+            seq.block_ids[p // bs] * bs + p % bs for p in range(start, start + len(seq.token_ids))
+        ]
+
+    @torch.inference_mode()
+    def run(self, seqs: list[StepSequence]) -> list[torch.Tensor]:
+        """Run the step; return per sequence the logits `[k, V]` it asked for (k may be 0)."""
+        dev = self.device
+        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
+        positions = torch.cat([s.positions.to(dev) for s in seqs], dim=-1)
+        meta = self._metadata(seqs)
+        embeds, vision = self._embeddings(seqs, ids)
+        hidden = self.model(ids, positions, self.kv_caches, meta, embeds, vision)
+        return self._logits(seqs, hidden)
+
+    def _metadata(self, seqs: list[StepSequence]) -> AttentionMetadata:
+        dev = self.device
+        slots = [x for s in seqs for x in self.slot_mapping(s)]
+        width = max(len(s.block_ids) for s in seqs)
+        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
+        lens = [s.num_computed + len(s.token_ids) for s in seqs]
+        starts = [0]
+        for s in seqs:
+            starts.append(starts[-1] + len(s.token_ids))
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
+        )
+
+    def _embeddings(
+        self, seqs: list[StepSequence], ids: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Token embeddings with media rows spliced in, and the vision-expert row mask."""
+        if not any(s.media for s in seqs) and not any(s.vision_rows is not None for s in seqs):
+            return None, None
+        embeds = self.model.embed(ids)
+        vision = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
+        offset = 0
+        for s in seqs:
+            n = len(s.token_ids)
+            lo, hi = s.num_computed, s.num_computed + n
+            for m in s.media:
+                a, b = max(lo, m.start), min(hi, m.start + m.embeds.shape[0])
+                if a < b:  # this chunk covers rows a..b of the item
+                    rows = m.embeds[a - m.start : b - m.start]
+                    embeds[offset + a - lo : offset + b - lo] = rows.to(embeds.dtype)
+            if s.vision_rows is not None:
+                vision[offset : offset + n] = s.vision_rows.to(self.device)
+            offset += n
+        return embeds, vision
+
+    def _logits(self, seqs: list[StepSequence], hidden: torch.Tensor) -> list[torch.Tensor]:
+        rows, counts, offset = [], [], 0
+        for s in seqs:
+            n = len(s.token_ids)
+            if s.logits == "all":
+                rows.extend(range(offset, offset + n))
+                counts.append(n)
+            elif s.logits == "last":
+                rows.append(offset + n - 1)
+                counts.append(1)
+            else:
+                counts.append(0)
+            offset += n
+        if not rows:
+            return [hidden.new_zeros(0, self.cfg.text.vocab_size) for _ in seqs]
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden[index])
+        return list(logits.split(counts))

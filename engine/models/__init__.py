@@ -1,0 +1,63 @@
+"""ERNIE-4.5 model family: build from a config, load from a checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.layers.moe import Router
+from engine.layers.rotary import TextRotary, VisionRotary
+from engine.models.ernie45 import Ernie45ForCausalLM
+from engine.models.ernie45_vl import Ernie45VLForConditionalGeneration
+from engine.models.loader import WeightLoadError, load_weights
+
+ErnieModel = Ernie45ForCausalLM | Ernie45VLForConditionalGeneration
+
+__all__ = ["ErnieModel", "WeightLoadError", "build_model", "load_model"]
+
+
+def build_model(cfg: ModelConfig) -> ErnieModel:
+    if cfg.is_multimodal:
+        return Ernie45VLForConditionalGeneration(cfg)
+    return Ernie45ForCausalLM(cfg.text)
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[ErnieModel, ModelConfig]:
+    """Config + weights from a checkpoint directory -> an eval-mode model on `device`."""
+    path = Path(path)
+    cfg = ModelConfig.from_dir(path)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    model = model.to_empty(device="cpu")
+    for module in model.modules():
+        if isinstance(module, Ernie45ForCausalLM):
+            module.tie_weights()
+    _init_buffers(model, cfg)
+    load_weights(model, cfg, path)
+    _cast(model, dtype, device)
+    return model.eval(), cfg
+
+
+def _cast(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> None:
+    """Move to `device` and `dtype`, except routers, which ERNIE runs in fp32."""
+    model.to(device=device)
+    for module in model.modules():
+        if isinstance(module, Router):
+            continue
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+
+
+def _init_buffers(model: nn.Module, cfg: ModelConfig) -> None:
+    """`to_empty` leaves buffers uninitialised: recompute the rotary tables."""
+    for module in model.modules():
+        if isinstance(module, (TextRotary, VisionRotary)):
+            module.reset_tables()
+    for name, p in model.named_parameters():
+        if name.endswith("e_score_correction_bias"):
+            torch.nn.init.zeros_(p)  # optional in checkpoints: zero means no correction

@@ -1,0 +1,149 @@
+"""The ERNIE-4.5 language model: dense, MoE, and the VL model's multimodal MoE.
+
+A decoder layer is pre-norm attention then pre-norm feed-forward. Layer types come from
+the config: "dense" layers run one gated-SiLU MLP; "sparse" layers run the MoE block
+(text experts, vision experts for the VL model, shared experts). Tokens of one step are
+flat: T tokens from any number of sequences, positioned by `positions` and placed in the
+paged KV cache by `AttentionMetadata`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import TextConfig
+from engine.layers.attention import AttentionMetadata, KVCache, PagedAttention
+from engine.layers.linear import Linear, MergedLinear
+from engine.layers.mlp import GatedMLP
+from engine.layers.moe import MoEBlock
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import TextRotary
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.use_bias)
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.use_bias)
+        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        # T tokens, H query heads, K kv heads, D head dim
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
+        q = TextRotary.apply(q.view(-1, self.num_heads, self.head_dim), *rope)  # [T, H, D]
+        k = TextRotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), *rope)  # [T, K, D]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.attn(q, k, v, kv_cache, meta)  # [T, H, D]
+        return self.o_proj(out.flatten(1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_type: str) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp: GatedMLP | MoEBlock
+        if layer_type == "sparse":
+            vision = (
+                (cfg.num_vision_experts, cfg.vision_moe_intermediate_size)
+                if cfg.num_vision_experts
+                else None
+            )
+            self.mlp = MoEBlock(
+                cfg.hidden_size,
+                cfg.moe_k,
+                cfg.moe_norm_min,
+                text=(cfg.num_experts, cfg.moe_intermediate_size),
+                vision=vision,
+                shared_intermediate=cfg.moe_intermediate_size * cfg.num_shared_experts,
+                bias=cfg.use_bias,
+            )
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        vision_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
+        x = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoEBlock):
+            return h + self.mlp(x, vision_mask)
+        return h + self.mlp(x)
+
+
+class Ernie45Model(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, t) for t in cfg.mlp_layer_types)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = TextRotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids `[T]`, positions `[T]` or `[3, T]` -> hidden `[T, D]`."""
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        rope = self.rotary.cos_sin(positions)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            h = layer(h, rope, kv_cache, meta, vision_mask)
+        return self.norm(h)
+
+
+class Ernie45ForCausalLM(nn.Module):
+    """ERNIE-4.5 text model (also the language half of ERNIE-4.5-VL)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Ernie45Model(cfg)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head (again after `to_empty`, which unties)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta, inputs_embeds, vision_mask)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden `[N, D]` -> logits `[N, V]` in fp32."""
+        return self.lm_head(hidden).float()

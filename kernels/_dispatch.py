@@ -1,0 +1,67 @@
+"""Choose between a Triton kernel and its torch reference.
+
+Every public kernel takes ``impl: Impl = None``:
+
+* ``None`` (auto): Triton on CUDA tensors when triton is importable, torch otherwise. This is
+  what the engine passes, so the same model code runs on a GPU host and on a CPU-only CI box.
+* ``"torch"``: always the reference.
+* ``"triton"``: always the kernel. On CPU tensors this needs ``TRITON_INTERPRET=1`` (the
+  interpreter runs the kernel with numpy); tests use it to check kernels without a GPU.
+
+Triton is never imported at module import time, so ``import kernels`` works without it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+Impl = Literal["torch", "triton"] | None
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked once)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] = None
+        return False
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(x: torch.Tensor, impl: Impl) -> bool:
+    """Decide whether a call on ``x`` goes to the Triton kernel.
+
+    Raises when ``impl="triton"`` is asked for but cannot run, rather than silently falling
+    back: a test that believes it exercised the kernel must really have done so.
+    """
+    if impl == "torch":
+        return False
+    if impl is None:
+        return x.is_cuda and triton_available()
+    if impl != "triton":
+        raise ValueError(f"impl must be None, 'torch' or 'triton', got {impl!r}")
+    if not triton_available():
+        raise RuntimeError("impl='triton' requested but triton is not installed")
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return True
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (and >= 1); Triton block shapes must be powers of two."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 for fp32 inputs (the default would be TF32 on
+    Hopper and lose ~3 decimal digits); irrelevant for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"

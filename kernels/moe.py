@@ -1,0 +1,118 @@
+"""Mixture-of-experts: ERNIE's router, the expert FFN sum, and the token sort for grouped GEMM.
+
+Expert weights follow transformers' ``Ernie4_5_VLMoeMoeExperts``: ``w13 [E, 2I, D]`` stacks the
+gate rows (``[:I]``) over the up rows (``[I:]``); ``w2 [E, D, I]`` is the down projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._dispatch import Impl, use_triton
+
+
+def route(
+    gate_logits: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    norm_min: float = 1e-12,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE-4.5 top-k routing; returns ``(topk_weights [T, k] fp32, topk_ids [T, k] int32)``.
+
+    As ``Ernie4_5_VLMoeMoeTopKRouter``: probabilities are the fp32 softmax of the logits; the
+    per-modality ``e_score_correction_bias`` is added only to *choose* the experts; the chosen
+    experts' unbiased probabilities are renormalised by their sum, clamped below at
+    ``norm_min`` (config ``moe_norm_min``).
+    """
+    # T tokens, E experts
+    probs = F.softmax(gate_logits.float(), dim=-1)  # [T, E]
+    scores = probs if bias is None else probs + bias.float().reshape(-1)
+    _, topk_ids = torch.topk(scores, k, dim=-1)  # [T, k]
+    weights = torch.gather(probs, -1, topk_ids)
+    weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=norm_min)
+    return weights, topk_ids.to(torch.int32)
+
+
+def fused_moe_ref(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Torch reference of :func:`fused_moe`: loop over the experts present, fp32 accumulation.
+
+    The expert matmuls run in x's dtype (as the HF model does); the weighted sum over each
+    token's k experts is accumulated in fp32 and rounded once.
+    """
+    # T tokens, D hidden, I expert intermediate, k experts per token
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+    for e in torch.unique(topk_ids).tolist():
+        token, slot = torch.where(topk_ids == e)  # [n_e] each
+        gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)  # [n_e, I] each
+        y = F.linear(F.silu(gate) * up, w2[e])  # [n_e, D]
+        out.index_add_(0, token, y.float() * topk_weights[token, slot, None].float())
+    return out.to(x.dtype)
+
+
+def moe_align_block_size(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert and pad each expert's run to a multiple of block_m.
+
+    Returns, with ``n = T * k`` and ``P = n + E * (block_m - 1)`` rounded up to block_m (a
+    bound fixed by shapes, so nothing syncs with the device and CUDA graphs can capture it):
+
+    * ``sorted_ids [P]`` int32: flat indices ``t * k + j`` grouped by expert; padding = n.
+    * ``expert_ids [P // block_m]`` int32: the expert of each block of block_m rows; -1 for
+      blocks past the end.
+    * ``num_tokens_post_padded [1]`` int32: rows actually used (a multiple of block_m).
+    """
+    # n flat (token, slot) pairs, E experts
+    flat = topk_ids.reshape(-1).long()  # [n]
+    n, device = flat.numel(), flat.device
+    max_padded = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    # scatter_add rather than bincount: bincount syncs to size its output on CUDA.
+    counts = torch.zeros(num_experts, dtype=torch.long, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # [E]
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = padded.cumsum(0)  # [E]
+    order = torch.argsort(flat, stable=True)  # [n] flat indices, grouped by expert
+    expert_of = flat[order]
+    rank = torch.arange(n, device=device) - (counts.cumsum(0) - counts)[expert_of]
+    sorted_ids = torch.full((max_padded,), n, dtype=torch.int32, device=device)
+    sorted_ids[pad_end[expert_of] - padded[expert_of] + rank] = order.to(torch.int32)
+    block_start = torch.arange(0, max_padded, block_m, device=device)
+    expert_ids = torch.searchsorted(pad_end, block_start, right=True)  # E past the end
+    expert_ids = torch.where(expert_ids < num_experts, expert_ids, -1).to(torch.int32)
+    return sorted_ids, expert_ids, pad_end[-1:].to(torch.int32)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    impl: Impl = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e][:I] @ x[t]) * w13[e][I:] @ x[t])``
+    with ``e = topk_ids[t, j]``.
+
+    x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; topk_weights [T, k] fp32; topk_ids [T, k] int32.
+    Returns [T, D] in x's dtype.
+    """
+    t, d = x.shape
+    e, two_i, d13 = w13.shape
+    assert d13 == d and two_i % 2 == 0, (w13.shape, x.shape)
+    assert w2.shape == (e, d, two_i // 2), (w2.shape, w13.shape)
+    assert topk_ids.shape == topk_weights.shape and topk_ids.shape[0] == t, topk_ids.shape
+    assert topk_ids.dtype == torch.int32, topk_ids.dtype
+    assert topk_weights.dtype == torch.float32, topk_weights.dtype
+    assert w13.dtype == w2.dtype == x.dtype, (x.dtype, w13.dtype, w2.dtype)
+    if not use_triton(x, impl):
+        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+    from kernels.triton_impl.moe import fused_moe_triton
+
+    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)

@@ -1,0 +1,224 @@
+"""Split-K paged decode attention: every sequence has exactly one query.
+
+Grid ``(B, Hkv, S)``: a program owns one sequence, one kv head and one slice of the context.
+All query heads sharing that kv head ride in the same program as rows of one tile, so each key
+is loaded once per group rather than once per query head (GQA packing). Splitting the context
+over S programs keeps the GPU busy when B * Hkv is small and contexts are long; a second small
+kernel merges the S partial results by their log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import dot_precision, next_pow2
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    qsl_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    stride_qt,
+    stride_qh,
+    stride_bt,
+    SPLIT_LEN,
+    NUM_SPLITS: tl.constexpr,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    GROUP: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # KV cache block size (tokens per block)
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + b)
+    q_len = tl.load(qsl_ptr + b + 1) - q_start
+    if q_len == 0:  # an empty (padding) sequence owns no output row
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + offs_g  # [BLOCK_G] query heads of this kv head
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < D
+    q_ptrs = q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) free of (-inf) - (-inf) = nan.
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
+        mask_n = pos < hi
+        block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=mask_n, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_off = slot[:, None] * (HKV * D) + kvh * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, N]
+        # The single query is the last position: every key below seq_len is visible.
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Partials: normalised output and log2-sum-exp per (b, head, split); empty splits get -inf.
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]
+    row = (b * HQ + heads) * NUM_SPLITS + split  # [BLOCK_G]
+    tl.store(part_lse_ptr + row, lse, mask=mask_g)
+    tl.store(
+        part_out_ptr + row[:, None] * D + offs_d[None, :],
+        out,
+        mask=mask_g[:, None] & mask_d[None, :],
+    )
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    qsl_ptr,
+    out_ptr,
+    stride_ot,
+    stride_oh,
+    NUM_SPLITS: tl.constexpr,
+    HQ: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + b)
+    if tl.load(qsl_ptr + b + 1) == q_start:
+        return
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < NUM_SPLITS
+    mask_d = offs_d < D
+    row = (b * HQ + h) * NUM_SPLITS + offs_s  # [BLOCK_S]
+    lse = tl.load(part_lse_ptr + row, mask=mask_s, other=float("-inf"))
+    part = tl.load(
+        part_out_ptr + row[:, None] * D + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+    )  # [BLOCK_S, BLOCK_D]
+    # Split 0 is never empty (seq_len >= 1), so the max is finite.
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # [BLOCK_S]
+    out = tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+    out_ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + h * stride_oh + offs_d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def default_num_splits(
+    batch: int, num_kv_heads: int, max_context: int, device: torch.device
+) -> int:
+    """Enough programs to fill the GPU twice over, but at least 256 keys per split.
+
+    Computed from shapes only (no device sync), so it is fixed for a CUDA-graph bucket.
+    """
+    num_sms = 8  # the interpreter: any small number
+    if device.type == "cuda":
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+    by_occupancy = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    by_length = -(-max_context // 256)
+    return max(1, min(by_occupancy, by_length, 32))
+
+
+def paged_attention_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    block_n: int = 32,
+) -> torch.Tensor:
+    """Decode attention (one query per sequence); same contract as ``paged_attention``."""
+    # T tokens (== B), Hq/Hkv heads, D head dim, S splits
+    t, hq, d = q.shape
+    _, block_size, hkv, _ = k_cache.shape
+    b, max_blocks = block_tables.shape
+    assert t == b, f"decode needs one query per sequence: T={t}, B={b}"
+    assert q.stride(2) == 1, f"q's head dim must be contiguous: {q.stride()}"
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert block_tables.stride(1) == 1 and seq_lens.is_contiguous()
+    assert query_start_loc.is_contiguous()
+    out = torch.empty_like(q)  # [T, Hq, D]
+    if t == 0:
+        return out
+    max_context = max_blocks * block_size
+    if num_splits is None:
+        num_splits = default_num_splits(b, hkv, max_context, q.device)
+    # Each split covers a whole number of BLOCK_N tiles.
+    split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
+    part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
+    group = hq // hkv
+    _decode_split_kernel[(b, hkv, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        split_len,
+        NUM_SPLITS=num_splits,
+        HQ=hq,
+        HKV=hkv,
+        GROUP=group,
+        D=d,
+        BLOCK_SIZE=block_size,
+        BLOCK_G=max(16, next_pow2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=max(16, next_pow2(d)),
+        DOT_PRECISION=dot_precision(q.dtype),
+    )
+    _decode_merge_kernel[(b, hq)](
+        part_out,
+        part_lse,
+        query_start_loc,
+        out,
+        out.stride(0),
+        out.stride(1),
+        NUM_SPLITS=num_splits,
+        HQ=hq,
+        D=d,
+        BLOCK_S=next_pow2(num_splits),
+        BLOCK_D=next_pow2(d),
+    )
+    return out

@@ -1,0 +1,105 @@
+"""Triton kernel for :func:`kernels.rotary.rotary_embedding`: one program per token rotates all
+its q and k heads in place, reading cos/sin once per token."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import next_pow2
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    stride_t,
+    stride_h,
+    t,
+    cos,
+    sin,
+    H: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask = (offs_h[:, None] < H) & (offs_p[None, :] < HALF)
+    ptrs = x_ptr + t * stride_t + offs_h[:, None] * stride_h + 2 * offs_p[None, :]
+    x0 = tl.load(ptrs, mask=mask, other=0.0)  # [BLOCK_H, BLOCK_P] even elements
+    x1 = tl.load(ptrs + 1, mask=mask, other=0.0)  # odd elements
+    a = x0.to(tl.float32)
+    b = x1.to(tl.float32)
+    tl.store(ptrs, (a * cos[None, :] - b * sin[None, :]).to(x0.dtype), mask=mask)
+    tl.store(ptrs + 1, (b * cos[None, :] + a * sin[None, :]).to(x0.dtype), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cache_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_pos_axis,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    HW_PAIRS: tl.constexpr,  # 0 for 1-D positions; else the leading pairs that use h / w
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < D // 2
+    if HW_PAIRS == 0:
+        pos = tl.load(pos_ptr + t + offs_p * 0)  # [BLOCK_P], all the same position
+    else:
+        # Pair j reads position row h (1) / w (2) alternately, then t (0) for the tail.
+        axis = tl.where(offs_p < HW_PAIRS, 1 + offs_p % 2, 0)
+        pos = tl.load(pos_ptr + axis * stride_pos_axis + t, mask=mask_p, other=0)
+    row = cache_ptr + pos.to(tl.int64) * D
+    cos = tl.load(row + offs_p, mask=mask_p, other=1.0)
+    sin = tl.load(row + D // 2 + offs_p, mask=mask_p, other=0.0)
+    _rotate_heads(q_ptr, stride_qt, stride_qh, t, cos, sin, HQ, BLOCK_HQ, D // 2, BLOCK_P)
+    _rotate_heads(k_ptr, stride_kt, stride_kh, t, cos, sin, HKV, BLOCK_HKV, D // 2, BLOCK_P)
+
+
+def rotary_embedding_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    hw_pairs: int,
+) -> None:
+    """Launch one program per token. Shapes are checked by the caller."""
+    # T tokens, Hq/Hkv heads, D head dim
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1, "head dim must be contiguous"
+    assert cos_sin_cache.is_contiguous() and positions.stride(-1) == 1
+    if t == 0:
+        return
+    _rotary_kernel[(t,)](
+        q,
+        k,
+        positions,
+        cos_sin_cache,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        positions.stride(0) if positions.dim() == 2 else 0,
+        HQ=hq,
+        HKV=hkv,
+        D=d,
+        HW_PAIRS=hw_pairs,
+        BLOCK_HQ=next_pow2(hq),
+        BLOCK_HKV=next_pow2(hkv),
+        BLOCK_P=next_pow2(d // 2),
+    )

@@ -1,0 +1,135 @@
+"""Greedy generation equals transformers' `generate` token for token, through the real
+engine (paged KV, continuous batching), whatever the batching, caching and chunking."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from engine.llm_engine import EngineArgs, LLMEngine
+from engine.sampling_params import SamplingParams
+from engine.tiny import ensure_tiny_model
+from tests.engine.hf_models import IMAGE, VIDEO, build_prompt, make_text, make_vl
+from tests.engine.tandem_forward import media_inputs
+
+NEW = 6
+PROMPTS = [
+    [],
+    [("image", (1, 4, 6))],
+    [("video", (4, 4, 4))],
+    [("image", (1, 4, 4)), ("image", (1, 6, 8))],
+]
+
+
+def hf_generate(model, p) -> list[int]:
+    ids = torch.tensor([p.ids])
+    kw: dict = {}
+    if p.images or p.videos:
+        mm = torch.zeros_like(ids)
+        mm[ids == IMAGE] = 1
+        mm[ids == VIDEO] = 2
+        moe = mm.clone()
+        for tok, kind in ((301, 1), (302, 1), (303, 2), (304, 2)):
+            moe[ids == tok] = kind
+        kw.update(mm_token_type_ids=mm, moe_mm_token_type_ids=moe)
+    if p.images:
+        kw.update(pixel_values=p.pixels["image"], image_grid_thw=torch.tensor(p.images))
+    if p.videos:
+        kw.update(pixel_values_videos=p.pixels["video"], video_grid_thw=torch.tensor(p.videos))
+    out = model.generate(
+        ids, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0, **kw
+    )
+    return out[0, len(p.ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def vl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vl") / "m"
+    hf = make_vl(path, "gqa2", seed=4)
+    for f in (
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    ):
+        shutil.copy(ensure_tiny_model() / f, path / f)
+    prompts = [build_prompt(k, seed=i) for i, k in enumerate(PROMPTS)]
+    expected = [hf_generate(hf, p) for p in prompts]
+    return path, prompts, expected
+
+
+def run_engine(path, prompts, stagger: bool, **kw) -> tuple[list[list[int]], LLMEngine]:
+    engine = LLMEngine(EngineArgs(model=str(path), block_size=4, **kw))
+    params = SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True)
+    pending = list(enumerate(prompts))
+    outputs: dict[str, list[int]] = {}
+    while pending or engine.has_unfinished_requests():
+        if pending:  # staggered arrival: one new request per step
+            for i, p in pending[:1] if stagger else pending:
+                engine.add_request(str(i), p.ids, params, media_inputs(p))
+            pending = pending[1:] if stagger else []
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return [outputs[str(i)] for i in range(len(prompts))], engine
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(enable_prefix_caching=False, enable_chunked_prefill=False),
+        dict(max_num_batched_tokens=7),  # long prompts prefilled in chunks
+        dict(num_kv_blocks=12, max_num_batched_tokens=16),  # forces preemption
+    ],
+    ids=["default", "no_cache_no_chunk", "chunked", "preempt"],
+)
+@pytest.mark.parametrize("stagger", [False, True], ids=["together", "staggered"])
+def test_greedy_matches_hf_generate(vl, kw, stagger):
+    path, prompts, expected = vl
+    got, engine = run_engine(path, prompts, stagger, **kw)
+    assert got == expected
+    assert engine.num_used_blocks == 0
+
+
+def test_prefix_cache_hits_and_media_isolation(vl):
+    path, prompts, _ = vl
+    engine = LLMEngine(EngineArgs(model=str(path), block_size=4))
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    p = prompts[1]  # one image
+
+    def run(rid, media):
+        engine.add_request(rid, p.ids, params, media)
+        cached = None
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                cached = out.num_cached_tokens
+        return cached
+
+    assert run("a", media_inputs(p)) == 0
+    assert run("b", media_inputs(p)) == (len(p.ids) - 1) // 4 * 4
+    other = media_inputs(p)
+    other[0].pixel_values = torch.randn_like(other[0].pixel_values)
+    other[0].content_hash = "another-image"
+    # Same ids, a different image: only the blocks before the image may be shared.
+    image_start = p.ids.index(IMAGE)
+    assert run("c", other) == image_start // 4 * 4
+    assert engine.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_text_models_greedy_match(tmp_path, moe):
+    hf = make_text(tmp_path / "m", moe=moe, seed=2)
+    for f in (
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    ):
+        shutil.copy(ensure_tiny_model() / f, tmp_path / "m" / f)
+    prompts = [build_prompt([], seed=s) for s in range(3)]
+    expected = [hf_generate(hf, p) for p in prompts]
+    got, engine = run_engine(tmp_path / "m", prompts, stagger=True)
+    assert got == expected
+    assert engine.num_used_blocks == 0

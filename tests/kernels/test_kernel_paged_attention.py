@@ -1,0 +1,192 @@
+"""Paged attention: reference vs dense SDPA, and both Triton kernels vs the reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import paged_attention, paged_attention_ref, write_kv
+from kernels._dispatch import interpreting, triton_available
+
+needs_triton = pytest.mark.skipif(
+    not (triton_available() and interpreting()), reason="needs triton and TRITON_INTERPRET=1"
+)
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3}
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # [T, Hq, D]
+    k_cache: torch.Tensor  # [N, S, Hkv, D]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [B, M] int32
+    seq_lens: torch.Tensor  # [B] int32
+    query_start_loc: torch.Tensor  # [B+1] int32
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        return (
+            self.q,
+            self.k_cache,
+            self.v_cache,
+            self.block_tables,
+            self.seq_lens,
+            self.query_start_loc,
+        )
+
+
+def make_batch(
+    seq_lens: list[int],
+    q_lens: list[int],
+    hq: int,
+    hkv: int,
+    d: int,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+) -> Batch:
+    """Random cache contents, block tables drawn from a shuffled pool (one spare column)."""
+    b = len(seq_lens)
+    max_blocks = max(-(-s // block_size) for s in seq_lens) + 1
+    num_blocks = b * max_blocks + 3
+    tables = torch.randperm(num_blocks)[: b * max_blocks].view(b, max_blocks).int()
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return Batch(
+        q=torch.randn(int(qsl[-1]), hq, d).to(dtype),
+        k_cache=torch.randn(num_blocks, block_size, hkv, d).to(dtype),
+        v_cache=torch.randn(num_blocks, block_size, hkv, d).to(dtype),
+        block_tables=tables,
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        query_start_loc=qsl,
+    )
+
+
+def dense_sdpa(batch: Batch, scale: float) -> torch.Tensor:
+    """Independent check: per-position gather of the cache, then SDPA with a causal mask."""
+    hq, hkv = batch.q.shape[1], batch.k_cache.shape[2]
+    bs = batch.k_cache.shape[1]
+    outs = []
+    for b, seq_len in enumerate(batch.seq_lens.tolist()):
+        lo, hi = batch.query_start_loc[b].item(), batch.query_start_loc[b + 1].item()
+        pos = torch.arange(seq_len)
+        blocks = batch.block_tables[b, pos // bs].long()
+        k = batch.k_cache[blocks, pos % bs].float()  # [L, Hkv, D]
+        v = batch.v_cache[blocks, pos % bs].float()
+        q = batch.q[lo:hi].float()
+        q_pos = torch.arange(seq_len - (hi - lo), seq_len)
+        mask = pos[None, :] <= q_pos[:, None]  # [q_len, L]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.transpose(0, 1).repeat_interleave(hq // hkv, 0),
+            v.transpose(0, 1).repeat_interleave(hq // hkv, 0),
+            attn_mask=mask,
+            scale=scale,
+        )
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs).to(batch.q.dtype)
+
+
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 4), (4, 2), (6, 2), (5, 1)])
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_reference_matches_dense_sdpa(hq: int, hkv: int, block_size: int) -> None:
+    batch = make_batch([9, 1, 20, 6], [9, 1, 3, 1], hq, hkv, 16, block_size)
+    ref = paged_attention_ref(*batch.args(), scale=0.25)
+    torch.testing.assert_close(ref, dense_sdpa(batch, 0.25), atol=1e-5, rtol=1e-5)
+
+
+def test_write_then_attend_matches_dense_attention() -> None:
+    """write_kv + paged_attention over a fresh prompt equals plain causal attention."""
+    t, hq, hkv, d, bs = 11, 4, 2, 16, 4
+    q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
+    k_cache, v_cache = torch.zeros(8, bs, hkv, d), torch.zeros(8, bs, hkv, d)
+    table = torch.tensor([[5, 2, 7]], dtype=torch.int32)
+    pos = torch.arange(t)
+    write_kv(k, v, k_cache, v_cache, (table[0, pos // bs] * bs + pos % bs).long())
+    out = paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        table,
+        torch.tensor([t], dtype=torch.int32),
+        torch.tensor([0, t], dtype=torch.int32),
+        scale=0.3,
+    )
+    expected = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        is_causal=True,
+        scale=0.3,
+        enable_gqa=True,
+    ).transpose(0, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "block_size", "dtype", "num_splits"),
+    [
+        (4, 4, 16, 4, torch.float32, 1),
+        (4, 2, 32, 16, torch.float16, 3),
+        (8, 2, 24, 3, torch.float32, 4),  # odd block size, head dim not a power of two
+        (5, 1, 16, 8, torch.float16, 1),  # odd group
+        (3, 3, 16, 1, torch.float32, 2),
+        (4, 2, 16, 4, torch.float32, None),  # the shape-derived default
+    ],
+)
+def test_decode_kernel(
+    hq: int, hkv: int, d: int, block_size: int, dtype: torch.dtype, num_splits: int | None
+) -> None:
+    batch = make_batch([1, 37, 12, 45, 5], [1] * 5, hq, hkv, d, block_size, dtype)
+    ref = paged_attention_ref(*batch.args(), scale=d**-0.5)
+    out = paged_attention(*batch.args(), scale=d**-0.5, impl="triton", num_splits=num_splits)
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "block_size", "dtype"),
+    [
+        (4, 4, 16, 4, torch.float32),
+        (4, 2, 32, 16, torch.float16),
+        (8, 2, 24, 3, torch.float32),
+        (5, 1, 16, 8, torch.float16),
+        (6, 2, 16, 1, torch.float32),  # group of 3: tile rows are not a power of two per query
+    ],
+)
+def test_prefill_kernel_mixed_batch(
+    hq: int, hkv: int, d: int, block_size: int, dtype: torch.dtype
+) -> None:
+    """Fresh prompts, chunks with cached context, and decode steps in one call."""
+    batch = make_batch([13, 40, 1, 21, 9], [13, 17, 1, 1, 4], hq, hkv, d, block_size, dtype)
+    ref = paged_attention_ref(*batch.args(), scale=d**-0.5)
+    out = paged_attention(*batch.args(), scale=d**-0.5, impl="triton")
+    torch.testing.assert_close(out, ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize(("block_m", "block_n"), [(16, 16), (32, 64)])
+def test_prefill_kernel_tile_sizes(block_m: int, block_n: int) -> None:
+    from kernels.triton_impl.attention_prefill import paged_attention_prefill
+
+    batch = make_batch([30, 7, 19], [30, 2, 11], 6, 2, 16, 4)
+    ref = paged_attention_ref(*batch.args(), scale=0.2)
+    out = paged_attention_prefill(*batch.args(), scale=0.2, block_m=block_m, block_n=block_n)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("decode", [True, False])
+def test_strided_q_from_fused_qkv(decode: bool) -> None:
+    """q as a view into a fused qkv projection (token stride > Hq * D) works unchanged."""
+    q_lens = [1, 1, 1] if decode else [5, 1, 3]
+    batch = make_batch([6, 18, 3], q_lens, 4, 2, 16, 4)
+    qkv = torch.randn(batch.q.shape[0], 8 * 16)
+    qkv[:, : 4 * 16] = batch.q.reshape(batch.q.shape[0], -1)
+    batch.q = qkv[:, : 4 * 16].view(-1, 4, 16)
+    assert not batch.q.is_contiguous()
+    ref = paged_attention_ref(*batch.args(), scale=0.25)
+    out = paged_attention(*batch.args(), scale=0.25, impl="triton")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
