@@ -133,3 +133,70 @@ def test_text_models_greedy_match(tmp_path, moe):
     got, engine = run_engine(tmp_path / "m", prompts, stagger=True)
     assert got == expected
     assert engine.num_used_blocks == 0
+
+
+def test_seeded_sampling_independent_of_batch(vl):
+    path, prompts, _ = vl
+    engine = LLMEngine(EngineArgs(model=str(path), block_size=4))
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    noisy = SamplingParams(max_tokens=5, temperature=1.3, ignore_eos=True)
+
+    def run(others: int) -> list[int]:
+        for j in range(others):
+            p = prompts[j % len(prompts)]
+            engine.add_request(f"other{others}-{j}", p.ids, noisy, media_inputs(p))
+        rid = f"seeded-{others}"
+        engine.add_request(rid, prompts[1].ids, seeded, media_inputs(prompts[1]))
+        tokens: list[int] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.request_id == rid:
+                    tokens += out.new_token_ids
+        return tokens
+
+    alone = run(0)
+    assert len(alone) == 8
+    assert run(3) == alone
+    assert run(5) == alone
+    assert engine.num_used_blocks == 0
+
+
+def test_abort_frees_blocks_mid_prefill_and_decode(vl):
+    path, prompts, _ = vl
+    engine = LLMEngine(EngineArgs(model=str(path), block_size=4, max_num_batched_tokens=5))
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p.ids, params, media_inputs(p))
+    engine.step()  # request 0 is mid-prefill (chunks of 5 tokens)
+    assert engine.num_used_blocks > 0
+    engine.abort("0")
+    for _ in range(12):
+        engine.step()
+    engine.abort("1")
+    engine.abort("2")
+    engine.abort("3")
+    engine.abort("missing")  # unknown ids are a no-op
+    assert not engine.has_unfinished_requests()
+    assert engine.num_used_blocks == 0
+
+
+def test_rejects_bad_requests_clearly(vl):
+    from engine.llm_engine import RequestError
+    from engine.multimodal import PromptError
+
+    path, prompts, _ = vl
+    engine = LLMEngine(EngineArgs(model=str(path), block_size=4, max_model_len=64))
+    params = SamplingParams(max_tokens=4)
+    with pytest.raises(RequestError, match="max_model_len"):
+        engine.add_request("long", [5] * 64, params)
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("empty", [], params)
+    with pytest.raises(RequestError, match="token ids"):
+        engine.add_request("vocab", [10**6], params)
+    with pytest.raises(PromptError, match="placeholder"):
+        engine.add_request("nomedia", prompts[1].ids, params, [])
+    engine.add_request("dup", [5, 6], params)
+    with pytest.raises(RequestError, match="already in use"):
+        engine.add_request("dup", [5, 6], params)
+    engine.abort("dup")
+    assert engine.num_used_blocks == 0
