@@ -13,9 +13,9 @@ import functools
 import json
 import logging
 import os
-import threading
 import re
 import ssl
+import threading
 from pathlib import Path
 
 import certifi

@@ -1,0 +1,334 @@
+"""`tandem serve`: the OpenAI-compatible server, with FastDeploy's command line.
+
+    tandem serve                                   # embedded tiny-ernie-vl on :8180
+    tandem serve --model baidu/ERNIE-4.5-VL-28B-A3B-Paddle --max-model-len 32768 ...
+
+Every flag of `python -m fastdeploy.entrypoints.openai.api_server` in the ERNIE-4.5-VL
+deployment guide is accepted verbatim. This build runs the engine in-process (one
+process, one device), so the FastDeploy inter-process ports are accepted and unused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+from tandem import __version__
+
+if TYPE_CHECKING:
+    from gateway.app import GatewayConfig
+
+log = logging.getLogger("tandem.cli")
+
+DEFAULT_MODEL = "tiny-ernie-vl"
+ENV_KVCACHE_SCHEDULER = "ENABLE_V1_KVCACHE_SCHEDULER"
+GRACEFUL_SHUTDOWN_S = 5
+
+EPILOG = f"""\
+ports:
+  --port                      REST API (/v1/chat/completions, /v1/completions, /v1/models,
+                              /health, /live); also /metrics when --metrics-port is unset or
+                              equal to --port.
+  --metrics-port              Prometheus /metrics on its own listener.
+  --engine-worker-queue-port  FastDeploy's engine<->worker queue. Accepted and unused: this
+                              build runs the engine inside the server process.
+  --cache-queue-port          FastDeploy's KV-cache manager queue. Accepted and unused, so it
+                              may equal --metrics-port as in FastDeploy's guide.
+
+environment:
+  {ENV_KVCACHE_SCHEDULER}  Accepted for FastDeploy compatibility. Tandem's scheduler is
+                              always the v1 one (continuous batching over a paged KV cache
+                              with prefix caching and chunked prefill); the value changes
+                              nothing.
+  TANDEM_CACHE_DIR            Where the embedded model and downloads are kept.
+"""
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port: {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"tandem {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_model_args(serve)
+    _add_network_args(serve)
+    _add_media_args(serve)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model directory or hub id (default: the embedded %(default)s)",
+    )
+    g.add_argument(
+        "--model-source",
+        choices=("aistudio", "huggingface", "modelscope"),
+        help="hub to download --model from when it is an id (default: aistudio)",
+    )
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="weights/activations dtype; auto = bfloat16 on GPU, float32 on CPU",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=_positive_int,
+        help="longest prompt + output in tokens (default: the model's)",
+    )
+    g.add_argument(
+        "--max-num-seqs",
+        type=_positive_int,
+        default=64,
+        help="most requests batched in one step (default: %(default)s)",
+    )
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=_positive_int,
+        default=1,
+        help="GPUs per model replica (only 1 is supported in this build)",
+    )
+    g.add_argument(
+        "--quantization",
+        choices=("wint8", "wint4"),
+        help="weight-only quantization (not supported yet in this build)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        choices=("ernie-45-vl",),
+        default="ernie-45-vl",
+        help="splits <think>...</think> into reasoning_content (default: %(default)s)",
+    )
+
+
+def _add_network_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("network (see 'ports' below)")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    g.add_argument("--port", type=_port, default=8180, help="REST API port (default: %(default)s)")
+    g.add_argument("--metrics-port", type=_port, help="Prometheus /metrics port")
+    g.add_argument("--engine-worker-queue-port", type=_port, help="accepted, unused")
+    g.add_argument("--cache-queue-port", type=_port, help="accepted, unused")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("TANDEM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $TANDEM_API_KEY)",
+    )
+
+
+def _add_media_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multimodal input")
+    g.add_argument(
+        "--mm-processor-kwargs",
+        type=_json_object,
+        default={},
+        help="media preprocessing options as JSON, e.g. '{\"video_max_frames\": 30}'",
+    )
+    g.add_argument(
+        "--limit-mm-per-prompt",
+        type=_json_object,
+        default={},
+        help='most images/videos per request as JSON, e.g. \'{"image": 10, "video": 3}\'',
+    )
+    g.add_argument(
+        "--allowed-local-media-path",
+        type=Path,
+        help="folder whose files requests may name (file:// or a path); default: none",
+    )
+    g.add_argument(
+        "--media-allow-hosts",
+        default="",
+        help="hosts/IPs/CIDRs exempt from the private-address guard, comma separated",
+    )
+
+
+class UnsupportedOption(ValueError):
+    """A FastDeploy option this build accepts on the command line but cannot honour."""
+
+
+def check_supported(args: argparse.Namespace) -> None:
+    if args.tensor_parallel_size > 1:
+        raise UnsupportedOption(
+            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is not "
+            "supported yet; this build serves on one device (use --tensor-parallel-size 1)"
+        )
+    if args.quantization is not None:
+        raise UnsupportedOption(
+            f"--quantization {args.quantization}: weight-only quantization is not supported "
+            "yet; omit --quantization to serve unquantized weights"
+        )
+
+
+def gateway_config(args: argparse.Namespace) -> GatewayConfig:
+    """The REST front's config from the flags (ValueError names a bad flag)."""
+    from gateway.app import GatewayConfig
+    from gateway.media import MediaFetchConfig, parse_allow_hosts
+    from vision_svc.processing import MediaConfig
+
+    MediaConfig.from_mm_processor_kwargs(args.mm_processor_kwargs)  # refuse bad keys now
+    media = MediaFetchConfig(
+        allowed_local_media_path=args.allowed_local_media_path,
+        allow_hosts=parse_allow_hosts(args.media_allow_hosts),
+    )
+    return GatewayConfig(
+        api_key=args.api_key or None,
+        served_model_names=(args.model,),
+        limit_mm_per_prompt=args.limit_mm_per_prompt,
+        media=media,
+        serve_metrics=args.metrics_port in (None, args.port),
+    )
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float32" if device == "cpu" else "bfloat16"
+    return device, dtype
+
+
+def _print_endpoints(args: argparse.Namespace) -> None:
+    metrics_port = args.metrics_port if args.metrics_port is not None else args.port
+    base = f"http://{args.host}:{args.port}"
+    print(f"Launching metrics service at http://{args.host}:{metrics_port}/metrics", flush=True)
+    print(f"Launching chat completion service at {base}/v1/chat/completions", flush=True)
+    print(f"Launching completion service at {base}/v1/completions", flush=True)
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to `_serve_all` (one handler for all servers,
+    and no re-raising of SIGTERM after the graceful shutdown)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_all(servers: list[_Server]) -> None:
+    def on_signal(sig: int, frame: FrameType | None) -> None:
+        for server in servers:
+            server.force_exit = server.should_exit  # a second Ctrl-C stops at once
+            server.should_exit = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        await asyncio.gather(*(server.serve() for server in servers))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load the model, then serve until SIGINT/SIGTERM."""
+    check_supported(args)
+    config = gateway_config(args)
+    if os.environ.get(ENV_KVCACHE_SCHEDULER) is not None:
+        log.info(
+            "%s=%s accepted (the v1 scheduler is always on)",
+            ENV_KVCACHE_SCHEDULER,
+            os.environ[ENV_KVCACHE_SCHEDULER],
+        )
+    from engine.llm_engine import EngineArgs
+    from gateway.app import create_app
+    from gateway.metrics import GatewayMetrics
+    from tandem.local_backend import LocalBackend
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    engine_args = EngineArgs(
+        model=args.model,
+        model_source=args.model_source,
+        device=device,
+        dtype=dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+    )
+    backend = LocalBackend.create(engine_args, args.mm_processor_kwargs)
+    try:
+        engine = backend.engine
+        metrics = GatewayMetrics()
+        app = create_app(backend, engine.tokenizer, engine.chat_template, config, metrics)
+        servers = [_Server(_uvicorn_config(app, args.host, args.port))]
+        if not config.serve_metrics:
+            metrics_app = Starlette(routes=[Route("/metrics", metrics.endpoint)])
+            servers.append(_Server(_uvicorn_config(metrics_app, args.host, args.metrics_port)))
+        _print_endpoints(args)
+        asyncio.run(_serve_all(servers))
+    finally:
+        backend.shutdown()
+    return 0
+
+
+def _uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return serve(args)
+    except UnsupportedOption as exc:
+        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except ValueError as exc:  # bad flag values, unknown model, bad model files
+        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""`tandem serve`: FastDeploy's command line, its refusals, and a real server process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from tandem.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The FastDeploy guide's command line, verbatim (ports and model aside).
+SEED_FLAGS = [
+    "--engine-worker-queue-port", "8181",
+    "--cache-queue-port", "8182", "--metrics-port", "8182",
+    "--tensor-parallel-size", "8",
+    "--quantization", "wint4",
+    "--max-model-len", "32768",
+    "--max-num-seqs", "32",
+    "--mm-processor-kwargs", '{"video_max_frames": 30}',
+    "--limit-mm-per-prompt", '{"image": 10, "video": 3}',
+    "--reasoning-parser", "ernie-45-vl",
+]  # fmt: skip
+
+
+def test_seed_command_line_parses() -> None:
+    args = build_parser().parse_args(
+        ["serve", "--model", "baidu/ERNIE-4.5-VL-424B-A47B-Paddle", "--port", "8180", *SEED_FLAGS]
+    )
+    assert args.port == 8180 and args.metrics_port == 8182 and args.cache_queue_port == 8182
+    assert args.engine_worker_queue_port == 8181
+    assert args.tensor_parallel_size == 8 and args.quantization == "wint4"
+    assert args.max_model_len == 32768 and args.max_num_seqs == 32
+    assert args.mm_processor_kwargs == {"video_max_frames": 30}
+    assert args.limit_mm_per_prompt == {"image": 10, "video": 3}
+
+
+def test_defaults() -> None:
+    args = build_parser().parse_args(["serve"])
+    assert (args.model, args.port, args.host) == ("tiny-ernie-vl", 8180, "0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--tensor-parallel-size", "8"], "tensor parallelism is not supported yet"),
+        (["--quantization", "wint4"], "quantization is not supported yet"),
+        (SEED_FLAGS, "not supported yet"),
+    ],
+)
+def test_unsupported_options_fail_clearly(
+    flags: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", *flags]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_bad_json_flag_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve", "--limit-mm-per-prompt", "{image: 1}"])
+    assert exc.value.code == 2
+
+
+def test_unknown_mm_processor_kwarg(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--mm-processor-kwargs", '{"bogus": 1}']) == 1
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_help_explains_ports(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--engine-worker-queue-port", "--cache-queue-port", "--metrics-port"):
+        assert flag in out
+    assert "unused" in out and "ENABLE_V1_KVCACHE_SCHEDULER" in out
+
+
+# -- a real `tandem serve` process --------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], port: int, metrics_port: int) -> None:
+        self.proc, self.port, self.metrics_port = proc, port, metrics_port
+        self.lines: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    port, worker_port, cache_port = _free_ports(3)
+    # FastDeploy's guide passes the same port to --cache-queue-port and --metrics-port.
+    cmd = [
+        sys.executable, "-m", "tandem.cli", "serve", "--host", "127.0.0.1",
+        "--port", str(port), "--engine-worker-queue-port", str(worker_port),
+        "--cache-queue-port", str(cache_port), "--metrics-port", str(cache_port),
+        "--max-model-len", "1024", "--max-num-seqs", "4",
+        "--mm-processor-kwargs", '{"video_max_frames": 30}',
+        "--limit-mm-per-prompt", '{"image": 10, "video": 3}',
+        "--reasoning-parser", "ernie-45-vl",
+    ]  # fmt: skip
+    env = {**os.environ, "ENABLE_V1_KVCACHE_SCHEDULER": "1"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    server = Served(proc, port, cache_port)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"tandem serve exited: {proc.stdout.read()}"  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "tandem serve did not become healthy"
+            try:
+                if httpx.get(f"{server.url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield server
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_prints_endpoints_and_answers(served: Served) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="null", max_retries=0)
+    stream = client.chat.completions.create(
+        model="null",
+        messages=[{"role": "user", "content": "把李白的静夜思改写为现代诗"}],
+        stream=True,
+        max_tokens=4,
+    )
+    chunks = [c for c in stream]
+    assert chunks and chunks[-1].choices[0].finish_reason == "length"
+    r = httpx.get(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=5)
+    assert r.status_code == 200 and "tandem_http_requests_total" in r.text
+
+
+def test_seed_curl_thinking_off_with_image(served: Served) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (56, 56), (90, 60, 30)).save(buf, format="JPEG")
+    url = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    body = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "图中的文物属于哪个年代"},
+                ],
+            }
+        ],
+        "chat_template_kwargs": {"enable_thinking": False},
+        "max_tokens": 4,
+    }
+    r = httpx.post(f"{served.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["reasoning_content"] is None and isinstance(message["content"], str)
+
+
+def test_sigterm_stops_cleanly(served: Served) -> None:
+    served.proc.send_signal(signal.SIGTERM)
+    out, _ = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 0, out
+    assert f"Launching chat completion service at http://127.0.0.1:{served.port}" in out
+    assert f"Launching completion service at http://127.0.0.1:{served.port}" in out
+    assert f"Launching metrics service at http://127.0.0.1:{served.metrics_port}/metrics" in out
