@@ -16,10 +16,11 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# Stubs are generated, never committed: protos/tandem/v1/*.proto -> tandem_pb/...
+# Stubs are generated, never committed: protos/tandem/v1/*.proto -> tandem/v1/*_pb2*.py
 protos: $(STAMP)
 	@if [ -n "$(PROTOS)" ]; then \
-	  $(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
+	  PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m grpc_tools.protoc -Iprotos \
+	    --python_out=. --grpc_python_out=. \
 	    --mypy_out=. --mypy_grpc_out=. $(PROTOS); fi
 
 test: setup
