@@ -8,6 +8,7 @@ the logits of the rows that need sampling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -75,14 +76,18 @@ class ModelRunner:
         ]
 
     @torch.inference_mode()
-    def run(self, seqs: list[StepSequence]) -> list[torch.Tensor]:
-        """Run the step; return per sequence the logits `[k, V]` it asked for (k may be 0)."""
+    def run(
+        self, seqs: list[StepSequence], after_layer: Callable[[int], None] | None = None
+    ) -> list[torch.Tensor]:
+        """Run the step; return per sequence the logits `[k, V]` it asked for (k may be 0).
+
+        `after_layer(i)` is called once layer i's KV is in the cache (KV streaming)."""
         dev = self.device
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
         positions = torch.cat([s.positions.to(dev) for s in seqs], dim=-1)
         meta = self._metadata(seqs)
         embeds, vision = self._embeddings(seqs, ids)
-        hidden = self.model(ids, positions, self.kv_caches, meta, embeds, vision)
+        hidden = self.model(ids, positions, self.kv_caches, meta, embeds, vision, after_layer)
         return self._logits(seqs, hidden)
 
     def _metadata(self, seqs: list[StepSequence]) -> AttentionMetadata:

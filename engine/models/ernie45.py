@@ -9,6 +9,8 @@ paged KV cache by `AttentionMetadata`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -106,12 +108,18 @@ class Ernie45Model(nn.Module):
         meta: AttentionMetadata,
         inputs_embeds: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        """input_ids `[T]`, positions `[T]` or `[3, T]` -> hidden `[T, D]`."""
+        """input_ids `[T]`, positions `[T]` or `[3, T]` -> hidden `[T, D]`.
+
+        `after_layer(i)` runs once layer i has written its KV (prefill streams it out).
+        """
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         rope = self.rotary.cos_sin(positions)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             h = layer(h, rope, kv_cache, meta, vision_mask)
+            if after_layer is not None:
+                after_layer(i)
         return self.norm(h)
 
 
@@ -141,8 +149,11 @@ class Ernie45ForCausalLM(nn.Module):
         meta: AttentionMetadata,
         inputs_embeds: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        return self.model(input_ids, positions, kv_caches, meta, inputs_embeds, vision_mask)
+        return self.model(
+            input_ids, positions, kv_caches, meta, inputs_embeds, vision_mask, after_layer
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[N, D]` -> logits `[N, V]` in fp32."""

@@ -8,6 +8,8 @@ image/video start/end markers) to the vision experts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -43,9 +45,10 @@ class Ernie45VLForConditionalGeneration(nn.Module):
         meta: AttentionMetadata,
         inputs_embeds: torch.Tensor | None = None,
         vision_mask: torch.Tensor | None = None,
+        after_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         return self.language_model(
-            input_ids, positions, kv_caches, meta, inputs_embeds, vision_mask
+            input_ids, positions, kv_caches, meta, inputs_embeds, vision_mask, after_layer
         )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,932 @@
+"""Tandem's GPU benchmark: rooflines, kernel checks, ERNIE-4.5-VL-28B-A3B text model timings.
+
+One run does everything (see bench/RESULTS.md for the numbers and the card they came from):
+
+1. rooflines: device-to-device copy bandwidth (read + write counted) and bf16 matmul peak;
+2. every Triton kernel against its torch reference on fresh random bf16 inputs at 28B shapes;
+3. the real 28B-A3B text model (vision tower skipped) built on the GPU in bf16 with random
+   weights (routers fp32), timed with CUDA events through ``ModelRunner.run``: decode batch 1
+   at 512 context, decode batch 64 / 256 at 768 context, prefill 16 x 512 in one step;
+4. transformers' ``Ernie4_5_VLMoeTextModel`` (+ tied LM head) on the same shapes where it fits;
+5. a table: measure | Tandem | HF | limit | Tandem/limit | Tandem/HF.
+
+    PYTHONUNBUFFERED=1 python3 bench/gpu_bench.py            # on a CUDA machine
+    TRITON_INTERPRET=1 python3 bench/gpu_bench.py --tiny     # logic check on CPU, tiny config
+
+Full results go to ``$OUT/gpu_bench.json`` when ``$OUT`` is set (else /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import ModelConfig
+from engine.layers.moe import Router
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import TextRotary
+from engine.model_runner import ModelRunner, StepSequence
+from engine.models.ernie45 import Ernie45ForCausalLM
+
+RESULTS: dict[str, Any] = {"kernel_checks": {}, "tandem": {}, "hf": {}, "roof": {}, "notes": []}
+FAILURES: list[str] = []
+BLOCK = 16
+
+
+def log(*a: Any) -> None:
+    print(*a, flush=True)
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench(
+    fn: Callable[[], Any],
+    dev: torch.device,
+    warmup: int,
+    iters: int,
+    after: Callable[[], Any] | None = None,
+) -> dict[str, float]:
+    """Median / min / max milliseconds of fn over iters runs (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+        if after:
+            after()
+    sync(dev)
+    times = []
+    for _ in range(iters):
+        if dev.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if after:
+            after()
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def free(dev: torch.device) -> None:
+    """Give the caching allocator's memory back once a stage's locals are gone."""
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        log(f"  (after free: {torch.cuda.memory_allocated() / 1e9:.1f} GB allocated)")
+
+
+# ----------------------------------------------------------------------------- rooflines
+def rooflines(dev: torch.device, tiny: bool) -> None:
+    log("== rooflines")
+    n = (1 << 20) if tiny else (1 << 31)  # bf16 elements: 4 GiB per buffer on the GPU
+    src = torch.empty(n, dtype=torch.bfloat16, device=dev).normal_()
+    dst = torch.empty_like(src)
+    t = bench(lambda: dst.copy_(src), dev, 3, 3 if tiny else 15)
+    moved = 2 * src.numel() * src.element_size()
+    bw = moved / (t["median_ms"] * 1e-3)
+    assert torch.equal(dst, src), "copy check failed"
+    m = 256 if tiny else 8192
+    sets = [
+        (
+            torch.randn(m, m, dtype=torch.bfloat16, device=dev),
+            torch.randn(m, m, dtype=torch.bfloat16, device=dev),
+        )
+        for _ in range(3)
+    ]
+    out = torch.empty(m, m, dtype=torch.bfloat16, device=dev)
+    i = [0]
+
+    def mm() -> None:
+        a, b = sets[i[0] % 3]
+        i[0] += 1
+        torch.matmul(a, b, out=out)
+
+    tm = bench(mm, dev, 5, 3 if tiny else 30)
+    flops = 2 * m**3 / (tm["median_ms"] * 1e-3)
+    RESULTS["roof"] = {
+        "copy_bytes_moved": moved,
+        "copy_ms": t,
+        "copy_GBps": bw / 1e9,
+        "matmul_n": m,
+        "matmul_ms": tm,
+        "matmul_TFLOPs": flops / 1e12,
+    }
+    log(
+        f"copy {moved / 2**30:.1f} GiB moved (read+write): {t['median_ms']:.3f} ms"
+        f" -> {bw / 1e9:.0f} GB/s"
+    )
+    log(f"bf16 matmul {m}^3: {tm['median_ms']:.3f} ms -> {flops / 1e12:.0f} TFLOP/s")
+
+
+# ----------------------------------------------------------------------------- kernel checks
+def _err(name: str, got: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> None:
+    got_f, ref_f = got.detach().double(), ref.detach().double()
+    finite = bool(torch.isfinite(got_f).all())
+    abs_err = float((got_f - ref_f).abs().max()) if got.numel() else 0.0
+    scale = float(ref_f.abs().max()) if ref.numel() else 1.0
+    rel_max = abs_err / max(scale, 1e-30)
+    rel_norm = float((got_f - ref_f).norm() / ref_f.norm().clamp_min(1e-30))
+    # rel_norm bounds the typical error; rel_max allows a few output roundings of slack.
+    ok = finite and rel_norm <= rel_tol and rel_max <= 4 * rel_tol
+    RESULTS["kernel_checks"][name] = {
+        "max_abs_err": abs_err,
+        "max_abs_ref": scale,
+        "rel_max": rel_max,
+        "rel_norm": rel_norm,
+        "tol": rel_tol,
+        "ok": ok,
+    }
+    flag = "ok  " if ok else "FAIL"
+    log(
+        f"  {flag} {name:38s} max|err| {abs_err:.3e}  (max|ref| {scale:.3e}, "
+        f"rel_norm {rel_norm:.2e}, tol {rel_tol:g})"
+    )
+    if not ok:
+        FAILURES.append(f"kernel {name}: max|err| {abs_err:.3e}, rel_norm {rel_norm:.2e}")
+
+
+def kernel_checks(dev: torch.device, tiny: bool) -> None:
+    import kernels
+    from kernels.moe import route
+
+    impl = "triton"
+    # bf16 on the GPU; the CPU interpreter (--tiny) cannot run bf16 dots, so fp16 there.
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    hq, hkv, d, hidden = (4, 2, 128, 512) if tiny else (20, 4, 128, 2560)
+    n_exp, top_k, inter = (8, 2, 128) if tiny else (64, 6, 1536)
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    log(
+        f"== kernel checks (Triton vs torch reference, {dt}, H={hq} KV={hkv} D={d} "
+        f"hidden={hidden} E={n_exp} top{top_k} I={inter})"
+    )
+
+    def rnd(*shape: int, scale: float = 1.0, dtype: torch.dtype = dt) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(dev)
+
+    def check_rms_norm() -> None:
+        # rms_norm, with and without the fused residual
+        for t in (1, 7) if tiny else (1, 333, 4096):
+            x, w, r = rnd(t, hidden), rnd(hidden), rnd(t, hidden)
+            for res in (None, r):
+                got, got_h = kernels.rms_norm(x, w, 1e-5, res, impl=impl)
+                ref, ref_h = kernels.rms_norm_ref(x, w, 1e-5, res)
+                tag = "+res" if res is not None else ""
+                _err(f"rms_norm{tag} T={t}", got, ref, 1e-2)
+                _err(f"rms_norm{tag} residual_out T={t}", got_h, ref_h, 1e-2)
+
+    def check_rotary() -> None:
+        # rotary, 3-D (mrope) and 1-D positions
+        t = 9 if tiny else 1000
+        cache = kernels.build_cos_sin_cache(4096, d, 500000.0, device=dev)
+        section = (22, 22, 20)
+        for pos in (
+            torch.randint(0, 4096, (t,), generator=g).to(dev),
+            torch.randint(0, 4096, (3, t), generator=g).to(dev),
+        ):
+            q, k = rnd(t, hq, d), rnd(t, hkv, d)
+            qg, kg = kernels.rotary_embedding(q.clone(), k.clone(), pos, cache, section, impl=impl)
+            qr, kr = kernels.rotary_embedding_ref(q.clone(), k.clone(), pos, cache, section)
+            _err(f"rotary {'mrope' if pos.dim() == 2 else '1-D'} q T={t}", qg, qr, 1e-2)
+            _err(f"rotary {'mrope' if pos.dim() == 2 else '1-D'} k T={t}", kg, kr, 1e-2)
+
+    def check_write_kv() -> None:
+        # write_kv: random slots, some skipped (-1); whole caches compared (exact)
+        nb = 64 if tiny else 2048
+        t = 20 if tiny else 3000
+        kc, vc = rnd(nb, BLOCK, hkv, d), rnd(nb, BLOCK, hkv, d)
+        slots = torch.randperm(nb * BLOCK, generator=g)[:t]
+        slots[::7] = -1
+        slots = slots.to(dev)
+        k, v = rnd(t, hkv, d), rnd(t, hkv, d)
+        kg_, vg_ = kc.clone(), vc.clone()
+        kernels.write_kv(k, v, kg_, vg_, slots, impl=impl)
+        kr_, vr_ = kc.clone(), vc.clone()
+        kernels.write_kv_ref(k, v, kr_, vr_, slots)
+        _err(f"write_kv k_cache T={t}", kg_, kr_, 0.0)
+        _err(f"write_kv v_cache T={t}", vg_, vr_, 0.0)
+
+    def check_paged_attention() -> None:
+        # paged attention: decode (one query each) and mixed prefill chunks
+        nb = 256 if tiny else 4096
+        kc, vc = rnd(nb, BLOCK, hkv, d), rnd(nb, BLOCK, hkv, d)
+        perm = torch.randperm(nb, generator=g)
+        scale = d**-0.5
+        cases = {
+            "decode": ([37, 5, 100] if tiny else [1, 17, 512, 768, 1000, 2049, 300, 64] * 4, None),
+            "prefill": (
+                [40, 9, 70] if tiny else [512, 1, 700, 1500, 33],
+                [40, 1, 13] if tiny else [512, 1, 128, 300, 33],
+            ),
+        }
+        for kind, (lens, q_lens) in cases.items():
+            q_lens = q_lens or [1] * len(lens)
+            width = max(-(-n // BLOCK) for n in lens)
+            tables, used = [], 0
+            for n in lens:
+                m = -(-n // BLOCK)
+                row = perm[used : used + m].tolist()
+                used += m
+                tables.append(row + [0] * (width - m))
+            assert used <= nb, "not enough blocks for the attention check"
+            starts = [0]
+            for ql in q_lens:
+                starts.append(starts[-1] + ql)
+            q = rnd(starts[-1], hq, d)
+            bt = torch.tensor(tables, dtype=torch.int32, device=dev)
+            sl = torch.tensor(lens, dtype=torch.int32, device=dev)
+            qs = torch.tensor(starts, dtype=torch.int32, device=dev)
+            got = kernels.paged_attention(q, kc, vc, bt, sl, qs, scale, impl=impl)
+            ref = kernels.paged_attention_ref(q, kc, vc, bt, sl, qs, scale)
+            _err(f"paged_attention {kind} B={len(lens)} T={starts[-1]}", got, ref, 2e-2)
+
+    def check_fused_moe() -> None:
+        # fused MoE (grouped GEMMs) and routing
+        w13 = rnd(n_exp, 2 * inter, hidden, scale=0.02)
+        w2 = rnd(n_exp, hidden, inter, scale=0.02)
+        for t in (1, 5) if tiny else (1, 64, 256, 4096):
+            x = rnd(t, hidden)
+            logits = torch.randn(t, n_exp, generator=g).to(dev)
+            wts, ids = route(logits, top_k)
+            got = kernels.fused_moe(x, w13, w2, wts, ids, impl=impl)
+            ref = kernels.fused_moe_ref(x, w13, w2, wts, ids)
+            _err(f"fused_moe T={t}", got, ref, 2e-2)
+        # route is torch on every device; check it against the model's Router module.
+        router = Router(n_exp, hidden, top_k, 1e-12).to(dev)
+        with torch.no_grad():
+            router.weight.normal_(0, 0.02)
+        x = rnd(64, hidden)
+        rw, rid = router(x)
+        w2_, id2 = route(F.linear(x.float(), router.weight), top_k)
+        _err("route (torch) vs Router weights", w2_, rw, 1e-5)
+        same = bool(torch.equal(rid, id2))
+        RESULTS["kernel_checks"]["route ids equal"] = same
+        if not same:
+            FAILURES.append("route ids differ from Router ids")
+
+    for name, fn in [
+        ("rms_norm", check_rms_norm),
+        ("rotary", check_rotary),
+        ("write_kv", check_write_kv),
+        ("paged_attention", check_paged_attention),
+        ("fused_moe", check_fused_moe),
+    ]:
+        try:
+            fn()
+        except Exception as e:  # one broken kernel must not hide the others
+            traceback.print_exc()
+            FAILURES.append(f"kernel {name} crashed: {type(e).__name__}: {e}")
+            RESULTS["kernel_checks"][name + " crashed"] = repr(e)
+
+
+# ----------------------------------------------------------------------------- configs
+# transformers' Ernie4_5_VLMoeConfig() defaults (the 28B-A3B shapes), for a box without it.
+FALLBACK_28B = {
+    "model_type": "ernie4_5_vl_moe",
+    "tie_word_embeddings": True,
+    "text_config": {
+        "vocab_size": 103424,
+        "hidden_size": 2560,
+        "intermediate_size": 12288,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 20,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-05,
+        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
+        "tie_word_embeddings": True,
+        "use_bias": False,
+        "moe_intermediate_size": [1536, 512],
+        "moe_k": 6,
+        "moe_num_experts": 64,
+        "moe_num_shared_experts": 2,
+        "moe_norm_min": 1e-12,
+        "mlp_layer_types": ["dense"] + ["sparse"] * 27,
+    },
+    "vision_config": {
+        "depth": 32,
+        "hidden_size": 1280,
+        "num_heads": 16,
+        "intermediate_size": 5120,
+        "hidden_act": "quick_gelu",
+        "patch_size": 14,
+        "in_channels": 3,
+        "spatial_merge_size": 2,
+        "temporal_merge_size": 2,
+        "rms_norm_eps": 1e-06,
+    },
+}
+
+
+def hf_config_dict(tiny: bool) -> dict[str, Any]:
+    try:
+        from transformers import Ernie4_5_VLMoeConfig
+
+        d = Ernie4_5_VLMoeConfig().to_dict()
+    except ImportError as e:
+        RESULTS["notes"].append(f"transformers config unavailable ({e}); built-in 28B shapes used")
+        d = json.loads(json.dumps(FALLBACK_28B))
+    if tiny:
+        d["text_config"].update(
+            vocab_size=1000,
+            hidden_size=512,
+            intermediate_size=512,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            moe_intermediate_size=[128, 64],
+            moe_num_experts=8,
+            moe_k=2,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        )
+    return d
+
+
+def param_budget(model: Ernie45ForCausalLM) -> dict[str, float]:
+    """Bytes and params by role, to state what a token must read and compute."""
+    c = model.config
+    nb = lambda p: p.numel() * p.element_size()  # noqa: E731
+    out = {
+        "total_params": 0,
+        "total_bytes": 0,
+        "embed_bytes": 0,
+        "embed_params": 0,
+        "always_bytes": 0,
+        "always_params": 0,
+        "text_expert_bytes": 0,
+        "text_expert_params": 0,
+    }
+    seen: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        out["total_params"] += p.numel()
+        out["total_bytes"] += nb(p)
+        if "embed_tokens" in name or "lm_head" in name:
+            out["embed_bytes"] += nb(p)
+            out["embed_params"] += p.numel()
+        elif "vision_moe" in name:
+            continue
+        elif "text_moe.experts" in name:
+            out["text_expert_bytes"] += nb(p)
+            out["text_expert_params"] += p.numel()
+        else:  # attention, norms, dense MLP, shared experts, routers
+            out["always_bytes"] += nb(p)
+            out["always_params"] += p.numel()
+    frac = c.moe_k / c.num_experts
+    out["active_params_per_token"] = out["always_params"] + frac * out["text_expert_params"]
+    out["kv_bytes_per_token"] = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 2
+    out["num_experts"], out["moe_k"] = c.num_experts, c.moe_k
+    return out
+
+
+def limits(budget: dict[str, float], roof: dict[str, Any]) -> dict[str, Callable[..., float]]:
+    bw = roof["copy_GBps"] * 1e9
+    peak = roof["matmul_TFLOPs"] * 1e12
+    e, k = budget["num_experts"], budget["moe_k"]
+
+    def decode(batch: int, ctx: int) -> float:
+        touched = e * (1 - (1 - k / e) ** batch) / e  # expected share of experts hit
+        weight = budget["always_bytes"] + touched * budget["text_expert_bytes"]
+        weight += budget["embed_bytes"]  # the (tied) LM head matrix is read in full
+        kv = batch * ctx * budget["kv_bytes_per_token"]
+        flops = 2 * batch * (budget["active_params_per_token"] + budget["embed_params"])
+        return max((weight + kv) / bw, flops / peak) * 1e3
+
+    def prefill(tokens: int) -> float:
+        return 2 * budget["active_params_per_token"] * tokens / peak * 1e3
+
+    return {"decode": decode, "prefill": prefill}
+
+
+# ----------------------------------------------------------------------------- Tandem
+def build_tandem(cfg: ModelConfig, dev: torch.device, dtype: torch.dtype) -> Ernie45ForCausalLM:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            model = Ernie45ForCausalLM(cfg.text)
+    finally:
+        torch.set_default_dtype(old)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, TextRotary):  # fp32 tables, as load_model makes them
+                module.inv_freq = torch.empty(module.head_dim // 2, dtype=torch.float32, device=dev)
+                module.reset_tables()
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias"):
+                p.zero_()
+            elif "norm" not in name:
+                p.normal_(0.0, 0.02, generator=gen)
+    for module in model.modules():
+        if isinstance(module, Router):
+            assert module.weight.dtype == torch.float32
+    return model.eval()
+
+
+def seqs_decode(
+    batch: int, ctx: int, vocab: int, blocks_per: int, is3d: bool
+) -> list[StepSequence]:
+    out = []
+    for b in range(batch):
+        pos = torch.full((3, 1) if is3d else (1,), ctx - 1, dtype=torch.long)
+        out.append(
+            StepSequence(
+                token_ids=[int(torch.randint(0, vocab, (1,)))],
+                positions=pos,
+                num_computed=ctx - 1,
+                block_ids=list(range(b * blocks_per, b * blocks_per + -(-ctx // BLOCK))),
+            )
+        )
+    return out
+
+
+def seqs_prefill(
+    n: int, length: int, vocab: int, blocks_per: int, is3d: bool
+) -> list[StepSequence]:
+    out = []
+    for b in range(n):
+        pos = torch.arange(length)
+        pos = pos.expand(3, -1).clone() if is3d else pos
+        out.append(
+            StepSequence(
+                token_ids=torch.randint(0, vocab, (length,)).tolist(),
+                positions=pos,
+                num_computed=0,
+                block_ids=list(range(b * blocks_per, b * blocks_per + -(-length // BLOCK))),
+            )
+        )
+    return out
+
+
+def run_tandem(
+    cfg: ModelConfig,
+    dev: torch.device,
+    dtype: torch.dtype,
+    shapes: dict[str, Any],
+    tiny: bool,
+    profile: bool = False,
+) -> dict[str, Any]:
+    log("== Tandem: building the text model on the device (random weights)")
+    t0 = time.perf_counter()
+    model = build_tandem(cfg, dev, dtype)
+    sync(dev)
+    budget = param_budget(model)
+    RESULTS["budget"] = budget
+    log(
+        f"built in {time.perf_counter() - t0:.1f} s: {budget['total_params'] / 1e9:.2f} B params, "
+        f"{budget['total_bytes'] / 1e9:.1f} GB; active/token "
+        f"{budget['active_params_per_token'] / 1e9:.2f} B "
+        f"(+ {budget['embed_params'] / 1e9:.2f} B embedding/LM head)"
+    )
+    max_ctx = max(shapes["decode_ctx_big"], shapes["decode_ctx_1"], shapes["prefill_len"])
+    blocks_per = -(-max_ctx // BLOCK)
+    max_seqs = max(max(shapes["decode_batches"]), shapes["prefill_n"], 1)
+    num_blocks = blocks_per * max_seqs
+    runner = ModelRunner(model, cfg, num_blocks, BLOCK, dtype, dev)
+    with torch.no_grad():
+        for kc, vc in runner.kv_caches:  # random context, never zeros
+            kc.normal_()
+            vc.normal_()
+    if dev.type == "cuda":
+        log(
+            f"KV pool {num_blocks} blocks x {BLOCK}: "
+            f"{sum(k.numel() * 2 * k.element_size() for k, _ in runner.kv_caches) / 1e9:.1f} GB; "
+            f"allocated {torch.cuda.memory_allocated() / 1e9:.1f} GB"
+        )
+    vocab, is3d = cfg.text.vocab_size, cfg.text.mrope_section is not None
+    res: dict[str, Any] = {}
+    lim = limits(budget, RESULTS["roof"])
+    cases: list[tuple[str, list[StepSequence], int, float]] = []
+    ctx1 = shapes["decode_ctx_1"]
+    cases.append(
+        (
+            f"decode b1 ctx{ctx1}",
+            seqs_decode(1, ctx1, vocab, blocks_per, is3d),
+            1,
+            lim["decode"](1, ctx1),
+        )
+    )
+    for b in shapes["decode_batches"]:
+        c = shapes["decode_ctx_big"]
+        cases.append(
+            (
+                f"decode b{b} ctx{c}",
+                seqs_decode(b, c, vocab, blocks_per, is3d),
+                b,
+                lim["decode"](b, c),
+            )
+        )
+    n, length = shapes["prefill_n"], shapes["prefill_len"]
+    cases.append(
+        (
+            f"prefill {n}x{length}",
+            seqs_prefill(n, length, vocab, blocks_per, is3d),
+            n * length,
+            lim["prefill"](n * length),
+        )
+    )
+    for name, seqs, tokens, limit_ms in cases:
+        try:
+            out = runner.run(seqs)
+            sync(dev)
+            finite = all(bool(torch.isfinite(o).all()) for o in out)
+            if not finite:
+                FAILURES.append(f"Tandem {name}: non-finite logits")
+            iters = 3 if tiny else (30 if "b1 " in name else 10)
+            t = bench(lambda s=seqs: runner.run(s), dev, 2 if tiny else 3, iters)
+            t.update(
+                tokens=tokens,
+                limit_ms=limit_ms,
+                finite_logits=finite,
+                tok_s=tokens / (t["median_ms"] * 1e-3),
+            )
+            res[name] = t
+            log(
+                f"  {name:22s} {t['median_ms']:9.2f} ms"
+                f"  (min {t['min_ms']:.2f}, max {t['max_ms']:.2f})"
+                f"  {t['tok_s']:10.0f} tok/s   limit {limit_ms:.2f} ms  logits finite {finite}"
+            )
+            if dev.type == "cuda" and name.startswith("decode"):
+                res[name + " [graph]"] = graph_step(runner, seqs, dev, tokens, limit_ms, name)
+        except Exception as e:  # keep going: later cases and HF still have value
+            traceback.print_exc()
+            FAILURES.append(f"Tandem {name}: {type(e).__name__}: {e}")
+            res[name] = {
+                "error": f"{type(e).__name__}: {e}",
+                "limit_ms": limit_ms,
+                "tokens": tokens,
+            }
+    if dev.type == "cuda" and profile:
+        profile_step(runner, cases[0][1], cases[0][0])
+    if dev.type == "cuda":
+        res["peak_allocated_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    return res
+
+
+def graph_step(
+    runner: ModelRunner,
+    seqs: list[StepSequence],
+    dev: torch.device,
+    tokens: int,
+    limit_ms: float,
+    name: str,
+) -> dict[str, Any]:
+    """The same step's model forward + logits captured in one CUDA graph and replayed: the
+    GPU-side time of our kernels with the host (Python, launches, input building) taken out."""
+    try:
+        model = runner.model
+        with torch.inference_mode():
+            ids = torch.tensor([t for q in seqs for t in q.token_ids], device=dev)
+            positions = torch.cat([q.positions.to(dev) for q in seqs], dim=-1)
+            meta = runner._metadata(seqs)
+            last = (meta.query_start_loc[1:] - 1).long()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    model.compute_logits(model(ids, positions, runner.kv_caches, meta)[last])
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = model.compute_logits(model(ids, positions, runner.kv_caches, meta)[last])
+            graph.replay()
+            sync(dev)
+            eager = runner.run(seqs)
+            diff = float((torch.cat(eager) - logits).abs().max())
+        t = bench(graph.replay, dev, 3, 30)
+        t.update(
+            tokens=tokens,
+            limit_ms=limit_ms,
+            tok_s=tokens / (t["median_ms"] * 1e-3),
+            max_abs_diff_vs_eager=diff,
+        )
+        log(
+            f"  {name + ' [graph]':22s} {t['median_ms']:9.2f} ms"
+            f"  (min {t['min_ms']:.2f}, max {t['max_ms']:.2f})"
+            f"  {t['tok_s']:10.0f} tok/s   (CUDA graph replay; |logits - eager| {diff:.2e})"
+        )
+        del graph
+        return t
+    except Exception as e:
+        traceback.print_exc()
+        RESULTS["notes"].append(f"CUDA graph capture of {name} failed: {type(e).__name__}: {e}")
+        return {"error": f"{type(e).__name__}: {e}", "limit_ms": limit_ms, "tokens": tokens}
+
+
+def profile_step(runner: ModelRunner, seqs: list[StepSequence], name: str) -> None:
+    """torch.profiler over 5 eager steps: where the decode step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 5
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                runner.run(seqs)
+            torch.cuda.synchronize()
+        ka = prof.key_averages()
+        launches = sum(
+            e.count
+            for e in ka
+            if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx")
+        )
+        gpu_us = 0.0
+        for e in ka:
+            if str(getattr(e, "device_type", "")).endswith("CUDA"):
+                gpu_us += getattr(e, "self_device_time_total", 0.0) or 0.0
+        RESULTS["profile"] = {
+            "case": name,
+            "kernel_launches_per_step": launches / steps,
+            "gpu_kernel_ms_per_step": gpu_us / steps / 1e3,
+        }
+        log(
+            f"== profile of {name}: {launches / steps:.0f} kernel launches/step, "
+            f"{gpu_us / steps / 1e3:.2f} ms of GPU kernel time/step"
+        )
+        for key in ("self_cpu_time_total", "self_device_time_total"):
+            try:
+                log(ka.table(sort_by=key, row_limit=14, max_name_column_width=50))
+            except Exception as e:  # older/newer names of the sort key
+                log(f"(profile table by {key} failed: {e})")
+    except Exception as e:
+        traceback.print_exc()
+        RESULTS["notes"].append(f"profile failed: {type(e).__name__}: {e}")
+
+
+# ----------------------------------------------------------------------------- HF baseline
+def run_hf(
+    cfg_dict: dict[str, Any],
+    dev: torch.device,
+    dtype: torch.dtype,
+    shapes: dict[str, Any],
+    tiny: bool,
+) -> dict[str, Any]:
+    import transformers
+    from transformers import DynamicCache, Ernie4_5_VLMoeConfig
+    from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import (
+        Ernie4_5_VLMoeTextModel,
+    )
+
+    log(f"== HF transformers {transformers.__version__}: Ernie4_5_VLMoeTextModel + tied LM head")
+    tcfg = Ernie4_5_VLMoeConfig(**cfg_dict).text_config
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        hf = Ernie4_5_VLMoeTextModel._from_config(tcfg, dtype=dtype)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            elif "e_score_correction_bias" in name:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    hf.eval()
+    sync(dev)
+    head = hf.embed_tokens.weight
+    info = {
+        "attn_implementation": getattr(hf.config, "_attn_implementation", None),
+        "experts_implementation": getattr(
+            hf.config,
+            "_experts_implementation_internal",
+            getattr(hf.config, "_experts_implementation", None),
+        ),
+        "router_dtype": str(
+            next(m.weight.dtype for n, m in hf.named_modules() if n.endswith("gate"))
+        ),
+        "build_s": time.perf_counter() - t0,
+        "transformers": transformers.__version__,
+    }
+    log(
+        f"built in {info['build_s']:.1f} s; attention {info['attn_implementation']}, "
+        f"experts {info['experts_implementation']}, router {info['router_dtype']}"
+    )
+    res: dict[str, Any] = {"info": info}
+    vocab = tcfg.vocab_size
+
+    def new_cache() -> Any:
+        try:
+            return DynamicCache(config=tcfg)
+        except TypeError:
+            return DynamicCache()
+
+    with torch.inference_mode():
+        ctx1 = shapes["decode_ctx_1"]
+        name = f"decode b1 ctx{ctx1}"
+        try:
+            cache = new_cache()
+            hf(
+                input_ids=torch.randint(0, vocab, (1, ctx1 - 1), device=dev),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            tok = torch.randint(0, vocab, (1, 1), device=dev)
+
+            def step() -> torch.Tensor:
+                h = hf(input_ids=tok, past_key_values=cache, use_cache=True).last_hidden_state
+                return F.linear(h[:, -1], head).float()
+
+            logits = step()  # the context grows one token a step (512 -> ~535): no crop,
+            # which transformers 5.x refuses for positive lengths
+            finite = bool(torch.isfinite(logits).all())
+            t = bench(step, dev, 2 if tiny else 3, 3 if tiny else 20)
+            t.update(tokens=1, tok_s=1 / (t["median_ms"] * 1e-3), finite_logits=finite)
+            res[name] = t
+            log(f"  {name:22s} {t['median_ms']:9.2f} ms  {t['tok_s']:10.0f} tok/s  finite {finite}")
+        except Exception as e:
+            traceback.print_exc()
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+        b, c = shapes["decode_batches"][0], shapes["decode_ctx_big"]
+        name = f"decode b{b} ctx{c}"
+        try:
+            cache_b = new_cache()
+            hf(
+                input_ids=torch.randint(0, vocab, (b, c - 1), device=dev),
+                past_key_values=cache_b,
+                use_cache=True,
+            )
+            tok_b = torch.randint(0, vocab, (b, 1), device=dev)
+
+            def step_b() -> torch.Tensor:
+                h = hf(input_ids=tok_b, past_key_values=cache_b, use_cache=True)
+                return F.linear(h.last_hidden_state[:, -1], head).float()
+
+            finite = bool(torch.isfinite(step_b()).all())
+            t = bench(step_b, dev, 2 if tiny else 3, 3 if tiny else 10)
+            t.update(tokens=b, tok_s=b / (t["median_ms"] * 1e-3), finite_logits=finite)
+            res[name] = t
+            log(f"  {name:22s} {t['median_ms']:9.2f} ms  {t['tok_s']:10.0f} tok/s  finite {finite}")
+            cache_b = None
+        except Exception as e:
+            traceback.print_exc()
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+        n, length = shapes["prefill_n"], shapes["prefill_len"]
+        name = f"prefill {n}x{length}"
+        try:
+            ids = torch.randint(0, vocab, (n, length), device=dev)
+
+            def prefill() -> torch.Tensor:
+                h = hf(input_ids=ids, past_key_values=new_cache(), use_cache=True).last_hidden_state
+                return F.linear(h[:, -1], head).float()
+
+            finite = bool(torch.isfinite(prefill()).all())
+            t = bench(prefill, dev, 1 if tiny else 2, 3 if tiny else 5)
+            t.update(
+                tokens=n * length, tok_s=n * length / (t["median_ms"] * 1e-3), finite_logits=finite
+            )
+            res[name] = t
+            log(f"  {name:22s} {t['median_ms']:9.2f} ms  {t['tok_s']:10.0f} tok/s  finite {finite}")
+        except Exception as e:
+            traceback.print_exc()
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+    if dev.type == "cuda":
+        res["peak_allocated_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    return res
+
+
+# ----------------------------------------------------------------------------- table
+def table() -> str:
+    ours, hf = RESULTS["tandem"], RESULTS["hf"]
+    roof = RESULTS["roof"]
+    rows = [
+        "| measure | Tandem | HF | limit | Tandem/limit | Tandem/HF |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows.append(f"| copy bandwidth (read+write) | | | {roof['copy_GBps']:.0f} GB/s | | |")
+    rows.append(
+        f"| bf16 matmul {roof['matmul_n']}^3 | | | {roof['matmul_TFLOPs']:.0f} TFLOP/s | | |"
+    )
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if not r:
+            return "not run"
+        if "error" in r:
+            return "error"
+        return f"{r['median_ms']:.2f} ms ({r['tok_s']:.0f} tok/s)"
+
+    for name, r in ours.items():
+        if not isinstance(r, dict):
+            continue
+        h = hf.get(name) if isinstance(hf, dict) else None
+        lim = r.get("limit_ms")
+        lim_s = f"{lim:.2f} ms ({r['tokens'] / (lim * 1e-3):.0f} tok/s)" if lim else ""
+        ok = "median_ms" in r
+        ratio = f"{r['median_ms'] / lim:.2f}x" if ok and lim else ""
+        vs = f"{r['median_ms'] / h['median_ms']:.2f}x" if ok and h and "median_ms" in h else ""
+        rows.append(f"| {name} | {cell(r)} | {cell(h)} | {lim_s} | {ratio} | {vs} |")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true", help="tiny config, any device (logic check)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler over decode b1")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        try:  # the interpreter needs the tests' numpy >= 2.4 patch (CPU logic check only)
+            from tests.kernels.conftest import _patch_interpreter_for_numpy_2_4
+
+            _patch_interpreter_for_numpy_2_4()
+        except ImportError:
+            pass
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    RESULTS["env"] = {
+        "torch": torch.__version__,
+        "device": str(dev),
+        "tiny": args.tiny,
+        "python": sys.version.split()[0],
+    }
+    if dev.type == "cuda":
+        p = torch.cuda.get_device_properties(dev)
+        RESULTS["env"].update(gpu=p.name, sms=p.multi_processor_count, mem_GB=p.total_memory / 1e9)
+        try:
+            import triton
+
+            RESULTS["env"]["triton"] = triton.__version__
+        except ImportError:
+            pass
+    log("env:", json.dumps(RESULTS["env"]))
+    shapes = (
+        {
+            "decode_ctx_1": 40,
+            "decode_batches": [4, 8],
+            "decode_ctx_big": 48,
+            "prefill_n": 2,
+            "prefill_len": 32,
+        }
+        if args.tiny
+        else {
+            "decode_ctx_1": 512,
+            "decode_batches": [64, 256],
+            "decode_ctx_big": 768,
+            "prefill_n": 16,
+            "prefill_len": 512,
+        }
+    )
+    RESULTS["shapes"] = shapes
+    out_dir = Path(os.environ.get("OUT") or "/tmp")
+    t_start = time.perf_counter()
+    rooflines(dev, args.tiny)
+    free(dev)
+    try:
+        kernel_checks(dev, args.tiny)
+    except Exception as e:
+        traceback.print_exc()
+        FAILURES.append(f"kernel checks crashed: {type(e).__name__}: {e}")
+    cfg_dict = hf_config_dict(args.tiny)
+    cfg = ModelConfig.from_dict(cfg_dict)
+    RESULTS["tandem"] = run_tandem(cfg, dev, dtype, shapes, args.tiny, args.profile)
+    free(dev)
+    log(f"[{time.perf_counter() - t_start:.0f} s elapsed]")
+    if args.no_hf:
+        RESULTS["notes"].append("HF baseline skipped (--no-hf)")
+    else:
+        try:
+            RESULTS["hf"] = run_hf(cfg_dict, dev, dtype, shapes, args.tiny)
+            free(dev)
+        except Exception as e:
+            traceback.print_exc()
+            RESULTS["notes"].append(f"HF baseline failed: {type(e).__name__}: {e}")
+            log(f"HF baseline failed: {type(e).__name__}: {e}")
+    log(f"[{time.perf_counter() - t_start:.0f} s elapsed]")
+    RESULTS["failures"] = FAILURES
+    (out_dir / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    log("\n== summary (times are per step, median; ratios are time ratios, <1 = faster)")
+    log(table())
+    for note in RESULTS["notes"]:
+        log("note:", note)
+    if FAILURES:
+        log("FAILURES:\n  " + "\n  ".join(FAILURES))
+        return 1
+    log("all kernel checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
