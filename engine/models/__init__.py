@@ -16,7 +16,7 @@ from engine.models.loader import WeightLoadError, load_weights
 
 ErnieModel = Ernie45ForCausalLM | Ernie45VLForConditionalGeneration
 
-__all__ = ["ErnieModel", "WeightLoadError", "build_model", "load_model"]
+__all__ = ["ErnieModel", "WeightLoadError", "build_model", "build_random_model", "load_model"]
 
 
 def build_model(cfg: ModelConfig) -> ErnieModel:
@@ -57,7 +57,42 @@ def _init_buffers(model: nn.Module, cfg: ModelConfig) -> None:
     """`to_empty` leaves buffers uninitialised: recompute the rotary tables."""
     for module in model.modules():
         if isinstance(module, (TextRotary, VisionRotary)):
+            module.inv_freq = module.inv_freq.float()  # angles in fp32 whatever the model dtype
             module.reset_tables()
     for name, p in model.named_parameters():
         if name.endswith("e_score_correction_bias"):
             torch.nn.init.zeros_(p)  # optional in checkpoints: zero means no correction
+
+
+def build_random_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    std: float = 0.02,
+) -> ErnieModel:
+    """The model of `cfg` with random weights built straight on `device` (the `dummy` load
+    format): for benchmarks at real shapes without a checkpoint on disk. Parameters are
+    allocated in `dtype` directly (a 28B model never exists in fp32); routers stay fp32."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    for module in model.modules():
+        if isinstance(module, Ernie45ForCausalLM):
+            module.tie_weights()
+    _init_buffers(model, cfg)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("e_score_correction_bias") or name.endswith("bias"):
+                p.zero_()
+            elif p.dim() == 1:  # norm weights
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    return model.eval()
