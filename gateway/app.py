@@ -9,7 +9,6 @@ key when one is set), `GET /health` (200 only while the backend is healthy), `GE
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,20 +20,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chat.template import ChatTemplate
 from chat.tokenizer import Tokenizer
-from gateway.backend import Backend
+from gateway.backend import Backend, StatsSource
 from gateway.errors import (
-    AuthenticationError,
     ErrorKind,
     GatewayError,
     InvalidRequestError,
     error_body,
     error_payload,
+    validation_message,
 )
 from gateway.http import BodyLimitMiddleware, SSEResponse, cancel_on_disconnect
 from gateway.media import MediaFetchConfig, MediaFetcher, MediaFetchError
 from gateway.metrics import GatewayMetrics, MetricsMiddleware
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
-from gateway.serving import ServingContext
+from gateway.serving import ServingContext, UpstreamBackend, check_api_key
 from gateway.serving_chat import ChatService
 from gateway.serving_completion import CompletionService
 
@@ -57,10 +56,16 @@ class GatewayConfig:
     media: MediaFetchConfig = field(default_factory=MediaFetchConfig)
     serve_metrics: bool = True
     """Serve /metrics on this app (when --metrics-port equals --port)."""
+    upstream_timeout_s: float | None = 600.0
+    """Longest wait for the backend (a media item encoded, the first token, each next
+    one); past it the request is cancelled and answered 504 / DEADLINE_EXCEEDED. None = no
+    limit. Generous by default: a queued request waits for others to finish."""
 
     def __post_init__(self) -> None:
         if self.max_request_body_bytes <= 0:
             raise ValueError("max_request_body_bytes must be positive")
+        if self.upstream_timeout_s is not None and self.upstream_timeout_s <= 0:
+            raise ValueError("upstream_timeout_s must be positive (or None for no limit)")
         for kind, limit in self.limit_mm_per_prompt.items():
             if kind not in ("image", "video") or not isinstance(limit, int) or limit < 0:
                 raise ValueError(
@@ -77,8 +82,10 @@ def create_app(
 ) -> FastAPI:
     config = config or GatewayConfig()
     metrics = metrics or GatewayMetrics()
+    if isinstance(backend, StatsSource):
+        metrics.watch(backend)
     ctx = ServingContext(
-        backend,
+        UpstreamBackend(backend, metrics, config.upstream_timeout_s),
         tokenizer,
         chat_template,
         MediaFetcher(config.media),
@@ -87,6 +94,7 @@ def create_app(
     )
     app = FastAPI(title="Tandem", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ctx = ctx
+    app.state.config = config
     app.state.metrics = metrics
     _add_error_handlers(app)
     _add_routes(app, ctx, config)
@@ -99,11 +107,7 @@ def create_app(
 
 def _api_key_guard(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
     async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
-            raise AuthenticationError("Incorrect API key provided")
+        check_api_key(request.headers.get("authorization", ""), api_key)
 
     return check
 
@@ -151,24 +155,13 @@ def _error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
-    if not errors:
-        return "invalid request", None
-    first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    where = ".".join(loc)
-    message = f"{where}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "")
-    return message, (loc[0] if loc else None)
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
         return _error_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return _error_response(InvalidRequestError(message, param=param))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 MediaKind = Literal["image", "video"]
+EngineRole = Literal["both", "prefill", "decode"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,22 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class RequestTimings:
+    """Where one request's time went inside the backend, in seconds, for the metrics.
+
+    A backend fills what it measures, as soon as it knows it: `queue_s` and `prefill_s` on
+    the first delta with tokens, `decode_s` on the last; None = not measured (here).
+    """
+
+    queue_s: float | None = None
+    """Arrival at the backend → first scheduled."""
+    prefill_s: float | None = None
+    """First scheduled → first token (prompt processing, chunked or not)."""
+    decode_s: float | None = None
+    """First token → last token."""
+
+
+@dataclass(frozen=True)
 class GenerateDelta:
     """What changed for one request since the last delta."""
 
@@ -87,6 +104,37 @@ class GenerateDelta:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    timings: RequestTimings | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of one engine (one role) behind the backend."""
+
+    role: EngineRole
+    num_requests_running: int
+    num_requests_waiting: int
+    num_kv_blocks_used: int
+    """Blocks held by at least one request: 0 whenever the engine is idle (else a leak)."""
+    num_kv_blocks_total: int
+    num_prefix_cache_queries: int
+    """Prompt tokens looked up in the prefix cache since start (a counter)."""
+    num_prefix_cache_hits: int
+    """Of those, tokens found (a counter)."""
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    engines: tuple[EngineStats, ...]
+    num_kv_transfer_failures: int = 0
+    """KV transfers between prefill and decode that failed since start (a counter)."""
+
+
+@runtime_checkable
+class StatsSource(Protocol):
+    """The optional part of a backend: a cheap, non-blocking snapshot for /metrics."""
+
+    def stats(self) -> BackendStats: ...
 
 
 @runtime_checkable
@@ -109,3 +157,5 @@ class Backend(Protocol):
     async def check_health(self) -> bool:
         """True while the backend can serve requests."""
         ...
+
+    # Optional: `stats() -> BackendStats` (see `StatsSource`), read at each /metrics scrape.

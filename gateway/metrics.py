@@ -1,4 +1,13 @@
-"""Prometheus metrics of the REST front: requests by endpoint and status, latency, in flight.
+"""Prometheus metrics of the gateway: HTTP and gRPC traffic, request latencies, and the
+backend's state.
+
+* `tandem_http_*` / `tandem_grpc_*`: requests by endpoint (method) and status, HTTP latency.
+* `tandem:*` mirror vLLM's / FastDeploy's `vllm:*` / `fastdeploy:*` names: TTFT, inter-token
+  and end-to-end latency measured at the gateway for every backend stream (REST and gRPC
+  alike, see `RequestTimer`); queue / prefill / decode / inference time as the backend
+  reports them (`RequestTimings`); and, read at each scrape from `Backend.stats()`, requests
+  running and waiting, KV blocks in use and prefix-cache tokens per engine role, and KV
+  transfer failures. Only what the backend measures is exported: no empty stubs.
 
 The registry is per app (not prometheus_client's global one) so tests and several apps in
 one process do not collide.
@@ -7,6 +16,7 @@ one process do not collide.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -16,9 +26,13 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.backend import EngineStats, GenerateDelta, RequestTimings, StatsSource
 
 ENDPOINTS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/live", "/metrics"}
@@ -43,6 +57,23 @@ class GatewayMetrics:
             ["endpoint"],
             registry=self.registry,
         )
+        self.grpc_requests = Counter(
+            "tandem_grpc_requests",
+            "gRPC calls answered, by method and status code",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency_metrics = LatencyMetrics(self.registry)
+        self._backend_stats = BackendStatsCollector()
+        self.registry.register(self._backend_stats)
+
+    def watch(self, source: StatsSource) -> None:
+        """Export `source.stats()` at every scrape (one source; a later call replaces it)."""
+        self._backend_stats.source = source
+
+    def request_timer(self) -> RequestTimer:
+        """A timer for one backend stream, started now."""
+        return RequestTimer(self.latency_metrics)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -79,3 +110,140 @@ class MetricsMiddleware:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(path, str(status)).inc()
             self.metrics.latency.labels(path).observe(time.perf_counter() - start)
+
+
+# vLLM's buckets, so dashboards built for vLLM / FastDeploy read these too.
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)  # fmt: skip
+_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
+                5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
+_REQUEST_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+                    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+
+
+class LatencyMetrics:
+    """Per-request histograms and token counters (one backend stream = one request)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(f"tandem:{name}", doc, buckets=buckets, registry=registry)
+
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Backend call to first token", _TTFT_BUCKETS
+        )
+        self.itl = histogram(
+            "inter_token_latency_seconds", "Time between two output tokens", _ITL_BUCKETS
+        )
+        self.e2e = histogram(
+            "e2e_request_latency_seconds", "Backend call to last token", _REQUEST_BUCKETS
+        )
+        self.queue = histogram(
+            "request_queue_time_seconds", "Time waiting to be scheduled", _REQUEST_BUCKETS
+        )
+        self.prefill = histogram(
+            "request_prefill_time_seconds", "First scheduled to first token", _REQUEST_BUCKETS
+        )
+        self.decode = histogram(
+            "request_decode_time_seconds", "First token to last token", _REQUEST_BUCKETS
+        )
+        self.inference = histogram(
+            "request_inference_time_seconds", "Prefill plus decode time", _REQUEST_BUCKETS
+        )
+        self.prompt_tokens = Counter(
+            "tandem:prompt_tokens", "Prompt tokens of started requests", registry=registry
+        )
+        self.generation_tokens = Counter(
+            "tandem:generation_tokens", "Output tokens streamed", registry=registry
+        )
+
+
+class RequestTimer:
+    """Times one backend stream from the call to its end; fed every delta it yields."""
+
+    def __init__(self, metrics: LatencyMetrics) -> None:
+        self._m = metrics
+        self._start = time.perf_counter()
+        self._last_token: float | None = None
+        self._prefill_s: float | None = None
+        self._ended = False
+
+    def on_delta(self, delta: GenerateDelta) -> None:
+        now = time.perf_counter()
+        if delta.token_ids:
+            if self._last_token is None:
+                self._m.ttft.observe(now - self._start)
+                self._m.prompt_tokens.inc(delta.num_prompt_tokens)
+            else:
+                gap = (now - self._last_token) / len(delta.token_ids)
+                for _ in delta.token_ids:
+                    self._m.itl.observe(gap)
+            self._last_token = now
+            self._m.generation_tokens.inc(len(delta.token_ids))
+        if delta.timings is not None:
+            self._observe_timings(delta.timings)
+        if delta.finished:
+            self.end()
+
+    def _observe_timings(self, t: RequestTimings) -> None:
+        if t.queue_s is not None:
+            self._m.queue.observe(t.queue_s)
+        if t.prefill_s is not None:
+            self._m.prefill.observe(t.prefill_s)
+            self._prefill_s = t.prefill_s
+        if t.decode_s is not None:
+            self._m.decode.observe(t.decode_s)
+            if self._prefill_s is not None:
+                self._m.inference.observe(self._prefill_s + t.decode_s)
+
+    def end(self) -> None:
+        """The stream ended without error (finished, or closed by a stop string or the
+        client): observe its end-to-end latency once."""
+        if not self._ended and self._last_token is not None:
+            self._m.e2e.observe(time.perf_counter() - self._start)
+        self._ended = True
+
+
+_EngineValue = Callable[[EngineStats], float]
+_ENGINE_GAUGES: tuple[tuple[str, str, _EngineValue], ...] = (
+    ("num_requests_running", "Requests in the running batch", lambda e: e.num_requests_running),
+    ("num_requests_waiting", "Requests waiting to be scheduled", lambda e: e.num_requests_waiting),
+    ("kv_blocks_used", "KV blocks held by requests (0 when idle)", lambda e: e.num_kv_blocks_used),
+    ("kv_blocks_total", "KV blocks in the pool", lambda e: e.num_kv_blocks_total),
+    (
+        "kv_cache_usage_perc",
+        "Fraction of KV blocks in use, 0 to 1",
+        lambda e: e.num_kv_blocks_used / max(e.num_kv_blocks_total, 1),
+    ),
+)
+_ENGINE_COUNTERS: tuple[tuple[str, str, _EngineValue], ...] = (
+    ("prefix_cache_queries", "Prompt tokens looked up", lambda e: e.num_prefix_cache_queries),
+    ("prefix_cache_hits", "Prompt tokens found in the cache", lambda e: e.num_prefix_cache_hits),
+)
+
+
+class BackendStatsCollector(Collector):
+    """Reads `stats()` of the watched backend at each scrape: per-role gauges and counters."""
+
+    def __init__(self) -> None:
+        self.source: StatsSource | None = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # nothing to declare before a backend is watched
+
+    def collect(self) -> Iterator[Metric]:
+        if self.source is None:
+            return
+        stats = self.source.stats()
+        families: list[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, _EngineValue]]
+        families = [(GaugeMetricFamily, *g) for g in _ENGINE_GAUGES]
+        families += [(CounterMetricFamily, *c) for c in _ENGINE_COUNTERS]
+        for family_type, name, doc, value in families:
+            family = family_type(f"tandem:{name}", doc, labels=["role"])
+            for engine in stats.engines:
+                family.add_metric([engine.role], value(engine))
+            yield family
+        yield CounterMetricFamily(
+            "tandem:kv_transfer_failures",
+            "KV transfers from prefill to decode that failed",
+            value=stats.num_kv_transfer_failures,
+        )

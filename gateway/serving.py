@@ -3,24 +3,37 @@ prompt-length check, usage, logprob tokens and SSE framing."""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
 from chat.multimodal import MediaTokens
 from chat.template import ChatTemplate
 from chat.tokenizer import Tokenizer
-from gateway.backend import Backend, SamplingOptions
+from gateway.backend import (
+    Backend,
+    EncodedMedia,
+    GenerateDelta,
+    GenerateRequest,
+    MediaItem,
+    SamplingOptions,
+)
 from gateway.errors import (
+    AuthenticationError,
     InvalidRequestError,
     ModelNotFoundError,
     PromptTooLongError,
+    UpstreamTimeoutError,
     error_payload,
 )
 from gateway.generation import ChoiceDecoder
 from gateway.media import MediaFetcher
+from gateway.metrics import GatewayMetrics
 from gateway.protocol import (
     CompletionTokensDetails,
     PromptTokensDetails,
@@ -30,6 +43,58 @@ from gateway.protocol import (
 
 MODEL_ALIASES = frozenset({"default", "null"})
 """Names accepted for the served model besides its own (FastDeploy's client sends "null")."""
+
+
+class UpstreamBackend:
+    """The backend as REST and gRPC both see it: every wait for it has a deadline (504 /
+    DEADLINE_EXCEEDED past it, and the request is cancelled upstream), and every stream is
+    timed for the metrics."""
+
+    def __init__(self, inner: Backend, metrics: GatewayMetrics, timeout_s: float | None) -> None:
+        self.inner = inner
+        self.metrics = metrics
+        self.timeout_s = timeout_s
+        self.model_name = inner.model_name
+        self.max_model_len = inner.max_model_len
+
+    async def check_health(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self.inner.check_health()
+        except TimeoutError:
+            return False  # a backend that cannot answer a probe in time is not healthy
+
+    async def encode_media(self, item: MediaItem) -> EncodedMedia:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await self.inner.encode_media(item)
+        except TimeoutError:
+            raise self._timed_out("encoding a media item") from None
+
+    async def generate(self, req: GenerateRequest) -> AsyncGenerator[GenerateDelta, None]:
+        timer = self.metrics.request_timer()
+        async with aclosing(self.inner.generate(req)) as stream:
+            while True:
+                try:
+                    async with asyncio.timeout(self.timeout_s):
+                        delta = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise self._timed_out("waiting for tokens") from None
+                timer.on_delta(delta)
+                try:
+                    yield delta
+                except GeneratorExit:  # closed by a stop string or a gone client
+                    timer.end()
+                    raise
+                if delta.finished:
+                    break
+
+    def _timed_out(self, what: str) -> UpstreamTimeoutError:
+        return UpstreamTimeoutError(
+            f"the model backend did not answer within {self.timeout_s:g} s ({what})"
+        )
 
 
 @dataclass
@@ -68,6 +133,19 @@ def _media_tokens(tokenizer: Tokenizer) -> MediaTokens | None:
         return MediaTokens.from_tokenizer(tokenizer)
     except ValueError:
         return None  # a text-only tokenizer: media parts are refused per request
+
+
+def check_api_key(authorization: str, api_key: str | None) -> None:
+    """Refuse (401 / UNAUTHENTICATED) unless `authorization` is `Bearer <api_key>`; a
+    server without a key lets everyone in."""
+    if api_key is None:
+        return
+    scheme, _, token = authorization.partition(" ")
+    # bytes, not str: compare_digest refuses non-ASCII str (a 500 for a junk header)
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        token.strip().encode(), api_key.encode()
+    ):
+        raise AuthenticationError("Incorrect API key provided")
 
 
 def new_request_id(prefix: str) -> str:

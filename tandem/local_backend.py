@@ -11,6 +11,11 @@ and that thread share nothing but two channels:
 
 A request's stream cleans up without awaiting (it only posts an abort), so cancellation by
 a dropped client cannot skip it.
+
+For /metrics the engine thread also publishes a `BackendStats` snapshot after every loop
+turn (one reference assignment, so `stats()` never reads the engine mid-step), and times
+each request: queued (from `generate`) until its first step, prefill until its first
+token, decode until its last.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,9 +34,17 @@ import torch
 
 from engine.llm_engine import EngineArgs, LLMEngine
 from engine.multimodal import MediaInput
-from engine.request import RequestOutput
+from engine.request import RequestOutput, RequestStatus
 from engine.sampling_params import SamplingParams
-from gateway.backend import EncodedMedia, GenerateDelta, GenerateRequest, MediaItem
+from gateway.backend import (
+    BackendStats,
+    EncodedMedia,
+    EngineStats,
+    GenerateDelta,
+    GenerateRequest,
+    MediaItem,
+    RequestTimings,
+)
 from gateway.errors import BackendUnavailableError, InvalidRequestError, OverloadedError
 from vision_svc.processing import MediaConfig, MediaError, MediaProcessor
 
@@ -42,6 +56,10 @@ _IDLE_POLL_S = 0.5  # how often an idle engine thread looks for a stop
 class _Sink:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[GenerateDelta | Exception]
+    arrived: float
+    """`time.monotonic()` at `generate`; the times below are set by the engine thread."""
+    scheduled: float | None = None
+    first_token: float | None = None
 
     def put(self, item: GenerateDelta | Exception) -> None:
         with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening
@@ -86,9 +104,11 @@ class LocalBackend:
         self.capacity = engine.args.max_num_seqs + max_queue_size
         self._inbox: queue.SimpleQueue[_Add | _Abort | _Stop] = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # engine thread only
+        self._unscheduled: dict[str, _Sink] = {}  # engine thread only: not stepped yet
         self._num_active = 0  # event loop only
         self._failure: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tandem-engine", daemon=True)
+        self._stats = self._snapshot()
 
     @classmethod
     def create(
@@ -123,6 +143,10 @@ class LocalBackend:
     async def check_health(self) -> bool:
         return self._thread.is_alive() and self._failure is None
 
+    def stats(self) -> BackendStats:
+        """The engine's state as of the engine thread's last loop turn (role `both`)."""
+        return self._stats
+
     async def encode_media(self, item: MediaItem) -> EncodedMedia:
         try:
             processed = await asyncio.to_thread(
@@ -153,7 +177,7 @@ class LocalBackend:
             params = SamplingParams(n=1, **asdict(req.sampling))
         except ValueError as exc:
             raise InvalidRequestError(str(exc)) from exc
-        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue())
+        sink = _Sink(asyncio.get_running_loop(), asyncio.Queue(), time.monotonic())
         media = [m.payload for m in req.media]
         self._num_active += 1
         self._inbox.put(_Add(req.request_id, list(req.prompt_token_ids), params, media, sink))
@@ -180,8 +204,12 @@ class LocalBackend:
         try:
             while self._apply_commands(block=not self.engine.has_unfinished_requests()):
                 if self.engine.has_unfinished_requests():
-                    for output in self.engine.step():
+                    step_start = time.monotonic()
+                    outputs = self.engine.step()
+                    self._mark_scheduled(step_start)
+                    for output in outputs:
                         self._deliver(output)
+                self._stats = self._snapshot()
         except BaseException as exc:  # a bug or a device failure: fail loudly, not silently
             log.exception("the engine thread failed")
             self._failure = exc
@@ -204,6 +232,7 @@ class LocalBackend:
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
+            self._unscheduled.pop(command.request_id, None)
             if self._sinks.pop(command.request_id, None) is not None:
                 self.engine.abort(command.request_id)
             return
@@ -219,6 +248,43 @@ class LocalBackend:
             command.sink.put(exc)
             return
         self._sinks[command.request_id] = command.sink
+        self._unscheduled[command.request_id] = command.sink
+
+    def _mark_scheduled(self, step_start: float) -> None:
+        """Requests that left the waiting queue in the step that began at `step_start`."""
+        for request_id, sink in list(self._unscheduled.items()):
+            req = self.engine.requests.get(request_id)
+            if req is None or req.status != RequestStatus.WAITING:
+                sink.scheduled = step_start
+                del self._unscheduled[request_id]
+
+    def _timings(self, sink: _Sink, finished: bool) -> RequestTimings | None:
+        now = time.monotonic()
+        first = sink.first_token is None
+        if first:
+            sink.first_token = now
+        if not (first or finished) or sink.scheduled is None:
+            return None
+        assert sink.first_token is not None
+        return RequestTimings(
+            queue_s=sink.scheduled - sink.arrived if first else None,
+            prefill_s=sink.first_token - sink.scheduled if first else None,
+            decode_s=now - sink.first_token if finished else None,
+        )
+
+    def _snapshot(self) -> BackendStats:
+        kv = self.engine.kv
+        scheduler = self.engine.scheduler
+        engine = EngineStats(
+            role="both",
+            num_requests_running=len(scheduler.running),
+            num_requests_waiting=len(scheduler.waiting),
+            num_kv_blocks_used=kv.num_used_blocks,
+            num_kv_blocks_total=kv.pool.num_total_blocks,
+            num_prefix_cache_queries=kv.prefix_cache_queries,
+            num_prefix_cache_hits=kv.prefix_cache_hits,
+        )
+        return BackendStats(engines=(engine,), num_kv_transfer_failures=0)
 
     def _deliver(self, out: RequestOutput) -> None:
         sink = self._sinks.get(out.request_id)
@@ -226,6 +292,7 @@ class LocalBackend:
             return
         if out.finished or out.error:
             del self._sinks[out.request_id]
+            self._unscheduled.pop(out.request_id, None)
         if out.error:
             sink.put(BackendUnavailableError(out.error))
             return
@@ -238,6 +305,7 @@ class LocalBackend:
                 num_prompt_tokens=out.num_prompt_tokens,
                 num_cached_tokens=out.num_cached_tokens,
                 num_output_tokens=out.num_output_tokens,
+                timings=self._timings(sink, out.finished),
             )
         )
 
@@ -245,6 +313,7 @@ class LocalBackend:
         for sink in self._sinks.values():
             sink.put(exc)
         self._sinks.clear()
+        self._unscheduled.clear()
         while True:  # requests sent after the stop still get an answer
             try:
                 command = self._inbox.get_nowait()
