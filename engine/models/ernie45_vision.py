@@ -39,10 +39,11 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [N, H, D]
         q, k = VisionRotary.apply(q, *rope), VisionRotary.apply(k, *rope)
+        # [1, H, n, D]: 4-D inputs let SDPA pick its fused kernels (3-D falls back to math)
         outs = [
             F.scaled_dot_product_attention(
-                qf.transpose(0, 1), kf.transpose(0, 1), vf.transpose(0, 1)
-            ).transpose(0, 1)
+                qf.transpose(0, 1)[None], kf.transpose(0, 1)[None], vf.transpose(0, 1)[None]
+            )[0].transpose(0, 1)
             for qf, kf, vf in zip(
                 q.split(frame_lens), k.split(frame_lens), v.split(frame_lens), strict=True
             )

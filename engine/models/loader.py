@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,11 +62,15 @@ def checkpoint_files(path: Path) -> list[Path]:
     return files
 
 
-def read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def read_tensors(
+    files: list[Path], keep: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor, or only those `keep(name)` accepts (others stay unread)."""
     for f in files:
         with safe_open(str(f), framework="pt") as sf:
             for name in sf.keys():  # noqa: SIM118 - safe_open has no __iter__
-                yield name, sf.get_tensor(name)
+                if keep is None or keep(name):
+                    yield name, sf.get_tensor(name)
 
 
 def detect_layout(names: list[str]) -> str:
@@ -85,6 +89,13 @@ class WeightMapper:
         self.layout = layout
         self.vl = cfg.is_multimodal
         self.lm = "language_model." if self.vl else ""
+
+    def target_name(self, name: str) -> str | None:
+        """Where checkpoint tensor `name` lands in our tree, before any split or fusion
+        (None: not loaded); needs no tensor, so callers can filter before reading."""
+        if self.layout == "paddle":
+            name = re.sub(r"^ernie\.", "model.", name)
+        return self._prefix(name)
 
     def map(self, name: str, tensor: torch.Tensor) -> list[Load]:
         src = name
@@ -202,15 +213,22 @@ class WeightMapper:
         return [Load(param, t, src, expert=idx, part=part)]
 
 
-def load_weights(model: nn.Module, cfg: ModelConfig, path: Path) -> None:
-    """Fill every parameter of `model` from the checkpoint in `path`, or raise."""
+def load_weights(
+    model: nn.Module, cfg: ModelConfig, path: Path, only: tuple[str, ...] | None = None
+) -> None:
+    """Fill every parameter of `model` from the checkpoint in `path`, or raise.
+
+    `only`: prefixes of our tree (e.g. `("vision_tower.", "resampler.")`); tensors landing
+    elsewhere are skipped unread, so a part of the model loads from a whole checkpoint.
+    """
     files = checkpoint_files(path)
     names = [n for f in files for n in safe_open(str(f), framework="pt").keys()]  # noqa: SIM118
     mapper = WeightMapper(cfg, detect_layout(names))
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     filled: set[str] = set()
-    for name, tensor in read_tensors(files):
+    keep = None if only is None else lambda n: (mapper.target_name(n) or "").startswith(only)
+    for name, tensor in read_tensors(files, keep):
         for load in mapper.map(name, tensor):
             _apply(load, params, modules)
             key = load.param if load.expert is None else f"{load.param}[{load.expert}].{load.part}"
