@@ -9,6 +9,7 @@ threaded: a server drives it from one thread.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,14 @@ from engine.config import ModelConfig
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner, StepSequence
 from engine.models import load_model
-from engine.multimodal import MediaInput, prepare_prompt
+from engine.multimodal import MediaInput, PreparedPrompt, prepare_prompt
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampler import RequestSamplingState, Sampler
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerConfig
+from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+
+AfterLayer = Callable[[ScheduledStep, int], None]
+"""Called with the step's plan once layer i's KV is in the cache (KV streaming)."""
 
 
 class RequestError(ValueError):
@@ -84,6 +88,8 @@ class LLMEngine:
         )
         self.sampler = Sampler(torch.Generator(device=self.device).manual_seed(args.seed))
         self.requests: dict[str, Request] = {}
+        self.last_preempted: list[Request] = []
+        """Requests the last step sent back to the queue (recompute)."""
         self._arrivals = itertools.count()
         self.think_end_id = self.tokenizer.token_to_id("</think>")
         self.think_start_id = self.tokenizer.token_to_id("<think>")
@@ -109,11 +115,33 @@ class LLMEngine:
         media: list[MediaInput] | None = None,
         cache_salt: str | None = None,
     ) -> None:
+        self.enqueue(self.make_request(request_id, prompt_token_ids, params, media, cache_salt))
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a request built by `make_request`."""
+        if req.request_id in self.requests:
+            raise RequestError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+
+    def make_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        media: list[MediaInput] | None = None,
+        cache_salt: str | None = None,
+        *,
+        prompt: PreparedPrompt | None = None,
+    ) -> Request:
+        """Validate and build a request without queueing it. `prompt`: already prepared
+        (a decode instance lays out positions without encoding media)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         media = media or []
         self._validate(prompt_token_ids, params)
-        prompt = prepare_prompt(self.model, self.model_config, prompt_token_ids, media)
+        if prompt is None:
+            prompt = prepare_prompt(self.model, self.model_config, prompt_token_ids, media)
         max_tokens = params.max_tokens or self.max_model_len - len(prompt_token_ids)
         max_tokens = min(max_tokens, self.max_model_len - len(prompt_token_ids))
         sampling = RequestSamplingState(
@@ -123,7 +151,7 @@ class LLMEngine:
             think_end_token_id=self.think_end_id,
             in_reasoning=self._opens_reasoning(prompt_token_ids),
         )
-        req = Request(
+        return Request(
             request_id,
             prompt,
             media,
@@ -133,8 +161,19 @@ class LLMEngine:
             arrival=next(self._arrivals),
             cache_salt=cache_salt,
         )
-        self.requests[request_id] = req
-        self.scheduler.add(req)
+
+    def join_running(
+        self, req: Request, first_token: int, logprobs: list[dict[int, float]] | None = None
+    ) -> RequestOutput:
+        """Take a request whose prompt KV is already in this cache (computed elsewhere)
+        and its first token: it joins the running batch. For decode instances."""
+        req.num_computed_tokens = req.num_prompt_tokens
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.scheduler.add_running(req)
+        out = self._append(req, first_token, None, 0)
+        out.new_logprobs = logprobs
+        return out
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
@@ -172,14 +211,16 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, after_layer: AfterLayer | None = None) -> list[RequestOutput]:
         plan = self.scheduler.schedule()
+        self.last_preempted = plan.preempted
         if plan.is_empty:
             return []
         seqs = [
             self._step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
         ]
-        logits = self.runner.run(seqs)
+        hook = None if after_layer is None else (lambda i: after_layer(plan, i))
+        logits = self.runner.run(seqs, hook)
         done = [
             (r, n)
             for r, n, lg in zip(plan.requests, plan.num_tokens, logits, strict=True)

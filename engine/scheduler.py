@@ -53,6 +53,11 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.waiting.append(req)
 
+    def add_running(self, req: Request) -> None:
+        """Admit a request whose blocks are allocated and prompt KV computed elsewhere
+        (disaggregated decode): it decodes from the next step on."""
+        self.running.append(req)
+
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)

@@ -2,10 +2,13 @@
 
     tandem serve                                   # embedded tiny-ernie-vl on :8180
     tandem serve --model baidu/ERNIE-4.5-VL-28B-A3B-Paddle --max-model-len 32768 ...
+    tandem serve --colocate                        # one process: gateway + engine
+    tandem prefill --port 50061 | tandem decode --port 50062 | tandem vision --port 50063
 
 Every flag of `python -m fastdeploy.entrypoints.openai.api_server` in the ERNIE-4.5-VL
-deployment guide is accepted verbatim. This build runs the engine in-process (one
-process, one device), so the FastDeploy inter-process ports are accepted and unused.
+deployment guide is accepted verbatim. `serve` starts vision, prefill and decode as child
+processes behind the gateway (see `tandem.launch`); the FastDeploy inter-process ports
+are accepted and unused (the services pick their own, see --prefill-port and friends).
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ from starlette.types import ASGIApp
 from tandem import __version__
 
 if TYPE_CHECKING:
+    from chat.template import ChatTemplate
+    from chat.tokenizer import Tokenizer
     from gateway.app import GatewayConfig
+    from gateway.backend import Backend
 
 log = logging.getLogger("tandem.cli")
 
@@ -45,10 +51,14 @@ ports:
                               /health, /live); also /metrics when --metrics-port is unset or
                               equal to --port.
   --metrics-port              Prometheus /metrics on its own listener.
-  --engine-worker-queue-port  FastDeploy's engine<->worker queue. Accepted and unused: this
-                              build runs the engine inside the server process.
+  --engine-worker-queue-port  FastDeploy's engine<->worker queue. Accepted and unused: the
+                              engine services talk gRPC on their own ports (below).
   --cache-queue-port          FastDeploy's KV-cache manager queue. Accepted and unused, so it
                               may equal --metrics-port as in FastDeploy's guide.
+  --prefill-port, --decode-port, --vision-port
+                              gRPC ports of the child services `serve` starts (127.0.0.1;
+                              0 = any free port). Decode's KV receiver picks a free port too.
+                              Unused with --colocate.
 
 environment:
   {ENV_KVCACHE_SCHEDULER}  Accepted for FastDeploy compatibility. Tandem's scheduler is
@@ -96,7 +106,57 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(serve)
     _add_network_args(serve)
     _add_media_args(serve)
+    _add_disagg_args(serve)
+    for role, port in (("prefill", 50061), ("decode", 50062)):
+        p = sub.add_parser(role, help=f"run the {role} engine service (gRPC tandem.v1.*)")
+        _add_model_args(p)
+        _add_engine_service_args(p, port)
+    vision = sub.add_parser("vision", help="run the vision encoder service (gRPC)")
+    _add_vision_args(vision)
     return parser
+
+
+def _add_disagg_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("process layout")
+    g.add_argument(
+        "--colocate",
+        action="store_true",
+        help="one process (gateway + engine in-process) instead of separate vision, "
+        "prefill and decode services",
+    )
+    g.add_argument("--prefill-port", type=_port, default=0, help="prefill gRPC (0 = any free)")
+    g.add_argument("--decode-port", type=_port, default=0, help="decode gRPC (0 = any free)")
+    g.add_argument("--vision-port", type=_port, default=0, help="vision gRPC (0 = any free)")
+    g.add_argument(
+        "--no-vision-service",
+        action="store_true",
+        help="disaggregated without a vision service: prefill runs the vision tower",
+    )
+
+
+def _add_engine_service_args(p: argparse.ArgumentParser, port: int) -> None:
+    g = p.add_argument_group("service")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (%(default)s)")
+    g.add_argument("--port", type=_port, default=port, help="gRPC port (%(default)s)")
+    g.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block")
+    g.add_argument("--num-kv-blocks", type=_positive_int, help="KV blocks (default: sized)")
+    g.add_argument(
+        "--max-num-batched-tokens", type=_positive_int, default=2048, help="tokens per step"
+    )
+    g.add_argument(
+        "--kv-bind",
+        default="tcp://127.0.0.1:0",
+        help="decode: where the KV receiver listens, tcp://HOST:PORT or ipc:///path",
+    )
+    g.add_argument("--kv-advertise-host", help="decode: host prefill dials for the KV")
+
+
+def _add_vision_args(p: argparse.ArgumentParser) -> None:
+    try:
+        from vision_svc.server import add_cli_arguments
+    except ImportError:
+        return
+    add_cli_arguments(p)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -267,7 +327,7 @@ async def _serve_all(servers: list[_Server]) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Load the model, then serve until SIGINT/SIGTERM."""
+    """Load the model (or start the services), then serve until SIGINT/SIGTERM."""
     check_supported(args)
     config = gateway_config(args)
     if os.environ.get(ENV_KVCACHE_SCHEDULER) is not None:
@@ -276,34 +336,67 @@ def serve(args: argparse.Namespace) -> int:
             ENV_KVCACHE_SCHEDULER,
             os.environ[ENV_KVCACHE_SCHEDULER],
         )
-    from engine.llm_engine import EngineArgs
-    from gateway.app import create_app
-    from gateway.metrics import GatewayMetrics
+    from chat.template import ChatTemplate
+    from chat.tokenizer import Tokenizer
+    from engine.llm_engine import resolve_model_path
+    from tandem import launch
     from tandem.local_backend import LocalBackend
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
-    engine_args = EngineArgs(
-        model=args.model,
-        model_source=args.model_source,
-        device=device,
-        dtype=dtype,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-    )
-    backend = LocalBackend.create(engine_args, args.mm_processor_kwargs)
+    if not args.colocate:
+        path = resolve_model_path(args.model, args.model_source)
+        reason = launch.disaggregation_blocker(path, device)
+        if reason is None:
+            tokenizer, template = Tokenizer.from_dir(path), ChatTemplate.from_dir(path)
+            launch.kill_tree_on_exit()
+            return launch.serve_disaggregated(
+                args,
+                device,
+                dtype,
+                path,
+                lambda backend: _serve_gateway(backend, tokenizer, template, args, config),
+            )
+        print(f"tandem serve: {reason}", file=sys.stderr, flush=True)
+    backend = LocalBackend.create(launch.engine_args(args, device, dtype), args.mm_processor_kwargs)
     try:
         engine = backend.engine
-        metrics = GatewayMetrics()
-        app = create_app(backend, engine.tokenizer, engine.chat_template, config, metrics)
-        servers = [_Server(_uvicorn_config(app, args.host, args.port))]
-        if not config.serve_metrics:
-            metrics_app = Starlette(routes=[Route("/metrics", metrics.endpoint)])
-            servers.append(_Server(_uvicorn_config(metrics_app, args.host, args.metrics_port)))
-        _print_endpoints(args)
-        asyncio.run(_serve_all(servers))
+        asyncio.run(_serve_gateway(backend, engine.tokenizer, engine.chat_template, args, config))
     finally:
         backend.shutdown()
     return 0
+
+
+async def _serve_gateway(
+    backend: Backend,
+    tokenizer: Tokenizer,
+    template: ChatTemplate,
+    args: argparse.Namespace,
+    config: GatewayConfig,
+) -> None:
+    from gateway.app import create_app
+    from gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    app = create_app(backend, tokenizer, template, config, metrics)
+    servers = [_Server(_uvicorn_config(app, args.host, args.port))]
+    if not config.serve_metrics:
+        metrics_app = Starlette(routes=[Route("/metrics", metrics.endpoint)])
+        servers.append(_Server(_uvicorn_config(metrics_app, args.host, args.metrics_port)))
+    _print_endpoints(args)
+    await _serve_all(servers)
+
+
+def run_service(args: argparse.Namespace) -> int:
+    """`tandem prefill|decode|vision`: one gRPC service in this process."""
+    if args.command == "vision":
+        from vision_svc.server import serve_from_args
+
+        return serve_from_args(args)
+    check_supported(args)
+    from tandem import launch
+
+    device, dtype = _device_and_dtype(args.device, args.dtype)
+    return launch.run_engine_service(args.command, args, device, dtype)
 
 
 def _uvicorn_config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
@@ -319,14 +412,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return serve(args)
+        return serve(args) if args.command == "serve" else run_service(args)
     except UnsupportedOption as exc:
-        print(f"tandem serve: error: {exc}", file=sys.stderr)
+        print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    except ValueError as exc:  # bad flag values, unknown model, bad model files
-        print(f"tandem serve: error: {exc}", file=sys.stderr)
+    except (ValueError, RuntimeError) as exc:  # bad flags, unknown model, a service failed
+        print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
         return 1
 
 
