@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from chat.tokenizer import Tokenizer
     from gateway.app import GatewayConfig
     from gateway.backend import Backend
+    from gateway.grpc_server import GrpcServer
 
 log = logging.getLogger("tandem.cli")
 
@@ -51,6 +52,8 @@ ports:
                               /health, /live); also /metrics when --metrics-port is unset or
                               equal to --port.
   --metrics-port              Prometheus /metrics on its own listener.
+  --grpc-port                 Public gRPC tandem.v1.Generation/Generate (with reflection and
+                              grpc.health.v1), same semantics as REST.
   --engine-worker-queue-port  FastDeploy's engine<->worker queue. Accepted and unused: the
                               engine services talk gRPC on their own ports (below).
   --cache-queue-port          FastDeploy's KV-cache manager queue. Accepted and unused, so it
@@ -213,6 +216,9 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
     g.add_argument("--port", type=_port, default=8180, help="REST API port (default: %(default)s)")
     g.add_argument("--metrics-port", type=_port, help="Prometheus /metrics port")
+    g.add_argument(
+        "--grpc-port", type=_port, default=8183, help="public gRPC port (default: %(default)s)"
+    )
     g.add_argument("--engine-worker-queue-port", type=_port, help="accepted, unused")
     g.add_argument("--cache-queue-port", type=_port, help="accepted, unused")
     g.add_argument(
@@ -301,6 +307,9 @@ def _print_endpoints(args: argparse.Namespace) -> None:
     print(f"Launching metrics service at http://{args.host}:{metrics_port}/metrics", flush=True)
     print(f"Launching chat completion service at {base}/v1/chat/completions", flush=True)
     print(f"Launching completion service at {base}/v1/completions", flush=True)
+    print(
+        f"Launching gRPC service tandem.v1.Generation at {args.host}:{args.grpc_port}", flush=True
+    )
 
 
 class _Server(uvicorn.Server):
@@ -312,7 +321,7 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve_all(servers: list[_Server]) -> None:
+async def _serve_all(servers: list[_Server | GrpcServer]) -> None:
     def on_signal(sig: int, frame: FrameType | None) -> None:
         for server in servers:
             server.force_exit = server.should_exit  # a second Ctrl-C stops at once
@@ -374,11 +383,13 @@ async def _serve_gateway(
     config: GatewayConfig,
 ) -> None:
     from gateway.app import create_app
+    from gateway.grpc_server import GrpcServer
     from gateway.metrics import GatewayMetrics
 
     metrics = GatewayMetrics()
     app = create_app(backend, tokenizer, template, config, metrics)
-    servers = [_Server(_uvicorn_config(app, args.host, args.port))]
+    servers: list[_Server | GrpcServer] = [_Server(_uvicorn_config(app, args.host, args.port))]
+    servers.append(GrpcServer.for_app(app, host=args.host, port=args.grpc_port))
     if not config.serve_metrics:
         metrics_app = Starlette(routes=[Route("/metrics", metrics.endpoint)])
         servers.append(_Server(_uvicorn_config(metrics_app, args.host, args.metrics_port)))

@@ -105,6 +105,7 @@ def _free_ports(n: int) -> list[int]:
 class Served:
     def __init__(self, proc: subprocess.Popen[str], port: int, metrics_port: int) -> None:
         self.proc, self.port, self.metrics_port = proc, port, metrics_port
+        self.grpc_port = 0
         self.lines: list[str] = []
 
     @property
@@ -114,13 +115,13 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
-    port, worker_port, cache_port = _free_ports(3)
+    port, worker_port, cache_port, grpc_port = _free_ports(4)
     # FastDeploy's guide passes the same port to --cache-queue-port and --metrics-port.
     cmd = [
         sys.executable, "-m", "tandem.cli", "serve", "--host", "127.0.0.1",
         "--port", str(port), "--engine-worker-queue-port", str(worker_port),
         "--cache-queue-port", str(cache_port), "--metrics-port", str(cache_port),
-        "--max-model-len", "1024", "--max-num-seqs", "4",
+        "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--max-num-seqs", "4",
         "--mm-processor-kwargs", '{"video_max_frames": 30}',
         "--limit-mm-per-prompt", '{"image": 10, "video": 3}',
         "--reasoning-parser", "ernie-45-vl",
@@ -130,6 +131,7 @@ def served() -> Iterator[Served]:
         cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     server = Served(proc, port, cache_port)
+    server.grpc_port = grpc_port
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -183,6 +185,25 @@ def test_seed_curl_thinking_off_with_image(served: Served) -> None:
     assert r.status_code == 200, r.text
     message = r.json()["choices"][0]["message"]
     assert message["reasoning_content"] is None and isinstance(message["content"], str)
+
+
+def test_serve_answers_public_grpc(served: Served) -> None:
+    import grpc
+
+    from tandem.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
+        # REST answering /health does not mean the gRPC listener is bound yet
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        request = generation_pb2.GenerateRequest(
+            tokens=generation_pb2.TokenInput(token_ids=[5, 6, 7]),
+            sampling=common_pb2.SamplingParams(max_tokens=3, temperature=0.0),
+        )
+        deltas = [r.delta for r in stub.Generate(request, timeout=60)]
+    assert sum(len(d.token_ids) for d in deltas) == 3
+    assert deltas[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert deltas[-1].usage.completion_tokens == 3
 
 
 def test_sigterm_stops_cleanly(served: Served) -> None:

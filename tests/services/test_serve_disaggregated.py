@@ -46,7 +46,7 @@ def _start(tmp: Path, *extra: str) -> Serve:
     log = tmp / f"serve-{port}.log"
     cmd = [
         sys.executable, "-m", "tandem.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "1024", "--max-num-seqs", "4",
+        "--max-model-len", "1024", "--max-num-seqs", "4", "--grpc-port", str(free_port()),
         "--prefill-port", str(grpc_ports["prefill"]), "--decode-port", str(grpc_ports["decode"]),
         "--vision-port", str(grpc_ports["vision"]), *extra,
     ]  # fmt: skip
