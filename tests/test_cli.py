@@ -194,7 +194,7 @@ def test_serve_answers_public_grpc(served: Served) -> None:
 
     with grpc.insecure_channel(f"127.0.0.1:{served.grpc_port}") as channel:
         # REST answering /health does not mean the gRPC listener is bound yet
-        grpc.channel_ready_future(channel).result(timeout=30)
+        grpc.channel_ready_future(channel).result(timeout=90)
         stub = generation_pb2_grpc.GenerationStub(channel)
         request = generation_pb2.GenerateRequest(
             tokens=generation_pb2.TokenInput(token_ids=[5, 6, 7]),
