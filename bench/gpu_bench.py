@@ -6,11 +6,14 @@ One run does everything (see bench/RESULTS.md for the numbers and the card they 
 2. every Triton kernel against its torch reference on fresh random bf16 inputs at 28B shapes;
 3. the real 28B-A3B text model (vision tower skipped) built on the GPU in bf16 with random
    weights (routers fp32), timed with CUDA events through ``ModelRunner.run``: decode batch 1
-   at 512 context, decode batch 64 / 256 at 768 context, prefill 16 x 512 in one step;
+   at 512 context, decode batch 64 / 256 at 768 context, prefill 16 x 512 in one step.
+   Decode goes through the runner's CUDA graphs (engine/cuda_graphs.py); the ``[eager]`` rows
+   time the same step with them switched off and report |logits(graph) - logits(eager)|;
 4. transformers' ``Ernie4_5_VLMoeTextModel`` (+ tied LM head) on the same shapes where it fits;
 5. a table: measure | Tandem | HF | limit | Tandem/limit | Tandem/HF.
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_bench.py            # on a CUDA machine
+    ... --moe-sweep --attention-sweep   # tile sweeps behind kernels' tile tables
     TRITON_INTERPRET=1 python3 bench/gpu_bench.py --tiny     # logic check on CPU, tiny config
 
 Full results go to ``$OUT/gpu_bench.json`` when ``$OUT`` is set (else /tmp).
@@ -299,6 +302,138 @@ def kernel_checks(dev: torch.device, tiny: bool) -> None:
             RESULTS["kernel_checks"][name + " crashed"] = repr(e)
 
 
+# ----------------------------------------------------------------------------- MoE tiles
+SWEEP_TILES = [  # (block_m, block_n, block_k, num_warps, num_stages); the first is the old fixed
+    (64, 64, 32, 4, 3),
+    (16, 64, 128, 4, 4),
+    (16, 32, 256, 4, 3),
+    (16, 64, 256, 4, 3),
+    (16, 128, 128, 4, 3),
+    (16, 64, 64, 4, 5),
+    (32, 64, 128, 4, 3),
+    (32, 128, 64, 4, 3),
+    (64, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 3),
+    (128, 128, 64, 8, 4),
+    (128, 128, 32, 8, 4),
+    (64, 256, 64, 8, 3),
+]
+
+
+def moe_sweep(dev: torch.device, tiny: bool) -> None:
+    """fused_moe at 28B shapes per (tokens, tiles), each call replayed from a CUDA graph so
+    only GPU time counts; the table in kernels/triton_impl/moe.py is picked from this."""
+    from kernels.moe import fused_moe_ref, route
+    from kernels.triton_impl.moe import MOE_TILES, MoeTiles, fused_moe_triton, pick_tiles
+
+    e, d, inter, k = (8, 256, 128, 2) if tiny else (64, 2560, 1536, 6)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    g = torch.Generator(device="cpu").manual_seed(7)
+    w13 = (torch.randn(e, 2 * inter, d, generator=g) * 0.02).to(dt).to(dev)
+    w2 = (torch.randn(e, d, inter, generator=g) * 0.02).to(dt).to(dev)
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    log(f"== MoE tile sweep (E={e} D={d} I={inter} top{k}; current table {MOE_TILES})")
+    out: dict[str, Any] = {}
+    for t in (1, 5) if tiny else (1, 64, 256, 2048, 8192):
+        x = torch.randn(t, d, generator=g).to(dt).to(dev)
+        wts, ids = route(torch.randn(t, e, generator=g).to(dev), k)
+        ref = fused_moe_ref(x, w13, w2, wts, ids) if t <= 256 else None
+        touched = int(torch.unique(ids).numel())
+        row = {}
+        for cfg in SWEEP_TILES[:3] if tiny else SWEEP_TILES:
+            tiles = MoeTiles(*cfg)
+            try:
+                fn = lambda tiles=tiles, x=x, wts=wts, ids=ids: fused_moe_triton(  # noqa: E731
+                    x, w13, w2, wts, ids, tiles=tiles
+                )
+                got = fn()
+                if ref is not None:
+                    rel = float((got.float() - ref.float()).norm() / ref.float().norm())
+                    if not rel < 2e-2:
+                        FAILURES.append(f"moe sweep T={t} {cfg}: rel_norm {rel:.2e}")
+                if dev.type == "cuda":
+                    graph = torch.cuda.CUDAGraph()
+                    fn()
+                    torch.cuda.synchronize()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    ms = bench(graph.replay, dev, 3, 20)["median_ms"]
+                else:
+                    ms = bench(fn, dev, 1, 2)["median_ms"]
+                row[str(cfg)] = ms
+            except Exception as ex:  # e.g. out of shared memory for a big tile
+                row[str(cfg)] = f"{type(ex).__name__}"
+        best = min((v, c) for c, v in row.items() if isinstance(v, float))
+        cur = pick_tiles(t)
+        cur_key = str((cur.block_m, cur.block_n, cur.block_k, cur.num_warps, cur.num_stages))
+        gbps = touched * expert_bytes / (best[0] * 1e-3) / 1e9
+        log(
+            f"  T={t:5d}: best {best[1]} {best[0]:.3f} ms ({gbps:.0f} GB/s over {touched} "
+            f"experts); old {row[str(SWEEP_TILES[0])]}; table pick {cur_key} {row.get(cur_key)}"
+        )
+        log(
+            "     "
+            + ", ".join(
+                f"{c}: {v:.3f}" if isinstance(v, float) else f"{c}: {v}" for c, v in row.items()
+            )
+        )
+        out[str(t)] = row
+    RESULTS["moe_sweep"] = out
+
+
+def attention_sweep(dev: torch.device, tiny: bool) -> None:
+    """Decode attention per (batch, context) and (BLOCK_N, warps), block tables as wide as the
+    runner's CUDA graphs make them (8192 blocks), graph-replayed like the decode step."""
+    from kernels.triton_impl.attention_decode import paged_attention_decode
+
+    hq, hkv, d = (4, 2, 128) if tiny else (20, 4, 128)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    width = 16 if tiny else 8192
+    cases = [(1, 40), (4, 48)] if tiny else [(1, 512), (64, 768), (256, 768)]
+    log(f"== decode attention sweep (Hq={hq} Hkv={hkv} D={d}, table width {width})")
+    out: dict[str, Any] = {}
+    for b, ctx in cases:
+        per = -(-ctx // BLOCK)
+        kc = torch.randn(b * per + 1, BLOCK, hkv, d, device=dev).to(dt)
+        vc = torch.randn_like(kc)
+        tables = torch.zeros(b, width, dtype=torch.int32, device=dev)
+        tables[:, :per] = torch.arange(b * per, dtype=torch.int32, device=dev).view(b, per)
+        lens = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        qsl = torch.arange(b + 1, dtype=torch.int32, device=dev)
+        q = torch.randn(b, hq, d, device=dev).to(dt)
+        ref = paged_attention_decode(q, kc, vc, tables, lens, qsl, d**-0.5)
+        row = {}
+        for bn, warps in [(32, 4), (16, 4), (64, 4), (64, 8), (128, 8)]:
+            try:
+                args = (q, kc, vc, tables, lens, qsl, d**-0.5)
+
+                def fn(bn: int = bn, warps: int = warps, args: tuple = args) -> torch.Tensor:
+                    return paged_attention_decode(*args, block_n=bn, num_warps=warps)
+
+                diff = float((fn().float() - ref.float()).abs().max())
+                if dev.type == "cuda":
+                    graph = torch.cuda.CUDAGraph()
+                    torch.cuda.synchronize()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    ms = bench(graph.replay, dev, 3, 30)["median_ms"]
+                else:
+                    ms = bench(fn, dev, 1, 2)["median_ms"]
+                kv_gb = 2 * b * ctx * hkv * d * kc.element_size() / 1e9
+                row[f"{bn}x{warps}w"] = ms
+                log(
+                    f"  b{b} ctx{ctx} BLOCK_N={bn} warps={warps}: {ms * 1e3:.1f} us "
+                    f"({kv_gb / (ms * 1e-3):.0f} GB/s KV), |diff vs 32x4| {diff:.1e}"
+                )
+            except Exception as ex:
+                row[f"{bn}x{warps}w"] = f"{type(ex).__name__}"
+                log(f"  b{b} BLOCK_N={bn} warps={warps}: {type(ex).__name__}: {ex}")
+        out[f"b{b} ctx{ctx}"] = row
+    RESULTS["attention_sweep"] = out
+
+
 # ----------------------------------------------------------------------------- configs
 # transformers' Ernie4_5_VLMoeConfig() defaults (the 28B-A3B shapes), for a box without it.
 FALLBACK_28B = {
@@ -506,7 +641,8 @@ def run_tandem(
     blocks_per = -(-max_ctx // BLOCK)
     max_seqs = max(max(shapes["decode_batches"]), shapes["prefill_n"], 1)
     num_blocks = blocks_per * max_seqs
-    runner = ModelRunner(model, cfg, num_blocks, BLOCK, dtype, dev)
+    # CUDA graphs for decode (on CPU the eager stand-in, so --tiny walks the same path)
+    runner = ModelRunner(model, cfg, num_blocks, BLOCK, dtype, dev, cuda_graphs=True)
     with torch.no_grad():
         for kc, vc in runner.kv_caches:  # random context, never zeros
             kc.normal_()
@@ -570,8 +706,8 @@ def run_tandem(
                 f"  (min {t['min_ms']:.2f}, max {t['max_ms']:.2f})"
                 f"  {t['tok_s']:10.0f} tok/s   limit {limit_ms:.2f} ms  logits finite {finite}"
             )
-            if dev.type == "cuda" and name.startswith("decode"):
-                res[name + " [graph]"] = graph_step(runner, seqs, dev, tokens, limit_ms, name)
+            if name.startswith("decode") and runner.graphs is not None:
+                res[name + " [eager]"] = eager_vs_graph(runner, seqs, dev, tokens, limit_ms, name)
         except Exception as e:  # keep going: later cases and HF still have value
             traceback.print_exc()
             FAILURES.append(f"Tandem {name}: {type(e).__name__}: {e}")
@@ -581,13 +717,14 @@ def run_tandem(
                 "tokens": tokens,
             }
     if dev.type == "cuda" and profile:
-        profile_step(runner, cases[0][1], cases[0][0])
+        profile_step(runner, cases[0][1], cases[0][0])  # decode b1, eager
+        profile_step(runner, cases[-1][1], cases[-1][0])  # prefill
     if dev.type == "cuda":
         res["peak_allocated_GB"] = torch.cuda.max_memory_allocated() / 1e9
     return res
 
 
-def graph_step(
+def eager_vs_graph(
     runner: ModelRunner,
     seqs: list[StepSequence],
     dev: torch.device,
@@ -595,46 +732,33 @@ def graph_step(
     limit_ms: float,
     name: str,
 ) -> dict[str, Any]:
-    """The same step's model forward + logits captured in one CUDA graph and replayed: the
-    GPU-side time of our kernels with the host (Python, launches, input building) taken out."""
+    """The same step with the runner's CUDA graphs switched off: the eager baseline, and
+    the largest |logits(graph) - logits(eager)| (padding rows change GEMM shapes only)."""
+    graphs, runner.graphs = runner.graphs, None
     try:
-        model = runner.model
-        with torch.inference_mode():
-            ids = torch.tensor([t for q in seqs for t in q.token_ids], device=dev)
-            positions = torch.cat([q.positions.to(dev) for q in seqs], dim=-1)
-            meta = runner._metadata(seqs)
-            last = (meta.query_start_loc[1:] - 1).long()
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    model.compute_logits(model(ids, positions, runner.kv_caches, meta)[last])
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = model.compute_logits(model(ids, positions, runner.kv_caches, meta)[last])
-            graph.replay()
-            sync(dev)
-            eager = runner.run(seqs)
-            diff = float((torch.cat(eager) - logits).abs().max())
-        t = bench(graph.replay, dev, 3, 30)
-        t.update(
-            tokens=tokens,
-            limit_ms=limit_ms,
-            tok_s=tokens / (t["median_ms"] * 1e-3),
-            max_abs_diff_vs_eager=diff,
-        )
+        eager = torch.cat(runner.run(seqs))
+        runner.graphs = graphs
+        graphed = torch.cat(runner.run(seqs)).clone()
+        diff = float((eager - graphed).abs().max())
+        runner.graphs = None
+        iters = 3 if tokens < 8 and dev.type == "cpu" else 10
+        t = bench(lambda: runner.run(seqs), dev, 2, iters)
+        t.update(tokens=tokens, limit_ms=limit_ms, tok_s=tokens / (t["median_ms"] * 1e-3))
+        t["max_abs_diff_graph_vs_eager"] = diff
         log(
-            f"  {name + ' [graph]':22s} {t['median_ms']:9.2f} ms"
+            f"  {name + ' [eager]':22s} {t['median_ms']:9.2f} ms"
             f"  (min {t['min_ms']:.2f}, max {t['max_ms']:.2f})"
-            f"  {t['tok_s']:10.0f} tok/s   (CUDA graph replay; |logits - eager| {diff:.2e})"
+            f"  {t['tok_s']:10.0f} tok/s   |logits graph - eager| {diff:.2e}"
         )
-        del graph
+        if not diff < 0.5:
+            FAILURES.append(f"{name}: graph logits differ from eager by {diff:.3e}")
         return t
     except Exception as e:
         traceback.print_exc()
-        RESULTS["notes"].append(f"CUDA graph capture of {name} failed: {type(e).__name__}: {e}")
+        FAILURES.append(f"eager {name}: {type(e).__name__}: {e}")
         return {"error": f"{type(e).__name__}: {e}", "limit_ms": limit_ms, "tokens": tokens}
+    finally:
+        runner.graphs = graphs
 
 
 def profile_step(runner: ModelRunner, seqs: list[StepSequence], name: str) -> None:
@@ -642,6 +766,7 @@ def profile_step(runner: ModelRunner, seqs: list[StepSequence], name: str) -> No
     from torch.profiler import ProfilerActivity, profile
 
     steps = 5
+    graphs, runner.graphs = runner.graphs, None  # count the eager step's launches
     try:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
@@ -657,8 +782,7 @@ def profile_step(runner: ModelRunner, seqs: list[StepSequence], name: str) -> No
         for e in ka:
             if str(getattr(e, "device_type", "")).endswith("CUDA"):
                 gpu_us += getattr(e, "self_device_time_total", 0.0) or 0.0
-        RESULTS["profile"] = {
-            "case": name,
+        RESULTS.setdefault("profile", {})[name] = {
             "kernel_launches_per_step": launches / steps,
             "gpu_kernel_ms_per_step": gpu_us / steps / 1e3,
         }
@@ -674,6 +798,8 @@ def profile_step(runner: ModelRunner, seqs: list[StepSequence], name: str) -> No
     except Exception as e:
         traceback.print_exc()
         RESULTS["notes"].append(f"profile failed: {type(e).__name__}: {e}")
+    finally:
+        runner.graphs = graphs
 
 
 # ----------------------------------------------------------------------------- HF baseline
@@ -845,6 +971,9 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny config, any device (logic check)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over decode b1")
+    ap.add_argument("--moe-sweep", action="store_true", help="time fused_moe tile configs")
+    ap.add_argument("--attention-sweep", action="store_true", help="time decode attention tiles")
+    ap.add_argument("--skip-kernel-checks", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -895,7 +1024,14 @@ def main() -> int:
     rooflines(dev, args.tiny)
     free(dev)
     try:
-        kernel_checks(dev, args.tiny)
+        if not args.skip_kernel_checks:
+            kernel_checks(dev, args.tiny)
+        if args.moe_sweep:
+            moe_sweep(dev, args.tiny)
+            free(dev)
+        if args.attention_sweep:
+            attention_sweep(dev, args.tiny)
+            free(dev)
     except Exception as e:
         traceback.print_exc()
         FAILURES.append(f"kernel checks crashed: {type(e).__name__}: {e}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelConfig
+from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, EagerStepGraph
 from engine.layers.attention import AttentionMetadata, KVCache
 from engine.models import ErnieModel
 
@@ -48,7 +49,13 @@ class ModelRunner:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        cuda_graphs: bool | None = None,
+        max_model_len: int | None = None,
+        graph_buckets: tuple[int, ...] = DEFAULT_BUCKETS,
     ) -> None:
+        """cuda_graphs: replay pure-decode steps from CUDA graphs (default: on CUDA devices;
+        True on CPU runs the same path with an eager stand-in, for tests).
+        max_model_len bounds the graphs' block-table width (default: the model's limit)."""
         self.model, self.cfg = model, cfg
         self.block_size, self.num_blocks = block_size, num_blocks
         self.dtype, self.device = dtype, device
@@ -61,6 +68,18 @@ class ModelRunner:
             )
             for _ in range(t.num_layers)
         ]
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" if cuda_graphs is None else cuda_graphs:
+            max_len = min(max_model_len or t.max_position_embeddings, num_blocks * block_size)
+            self.graphs = DecodeGraphs(
+                model,
+                self.kv_caches,
+                max_blocks_per_seq=-(-max_len // block_size),
+                position_rows=3 if t.mrope_section is not None else 1,
+                device=device,
+                buckets=graph_buckets,
+                make_graph=None if device.type == "cuda" else EagerStepGraph,
+            )
 
     @staticmethod
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -81,7 +100,11 @@ class ModelRunner:
     ) -> list[torch.Tensor]:
         """Run the step; return per sequence the logits `[k, V]` it asked for (k may be 0).
 
-        `after_layer(i)` is called once layer i's KV is in the cache (KV streaming)."""
+        `after_layer(i)` is called once layer i's KV is in the cache (KV streaming). Pure
+        decode steps without it replay a CUDA graph (logits then view the graph's output
+        buffer: consume them before the next step)."""
+        if after_layer is None and self._graphable(seqs):
+            return self._run_graph(seqs)
         dev = self.device
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
         positions = torch.cat([s.positions.to(dev) for s in seqs], dim=-1)
@@ -89,6 +112,35 @@ class ModelRunner:
         embeds, vision = self._embeddings(seqs, ids)
         hidden = self.model(ids, positions, self.kv_caches, meta, embeds, vision, after_layer)
         return self._logits(seqs, hidden)
+
+    def _graphable(self, seqs: list[StepSequence]) -> bool:
+        """One new text token per sequence, no media rows in it, and a captured size fits."""
+        g = self.graphs
+        if g is None or not seqs or g.bucket(len(seqs)) is None:
+            return False
+        bs = self.block_size
+        for s in seqs:
+            pos = s.num_computed
+            if len(s.token_ids) != 1 or len(s.block_ids) > g.width or pos // bs >= len(s.block_ids):
+                return False
+            if s.positions.numel() != g.position_rows:
+                return False
+            if s.vision_rows is not None and bool(s.vision_rows.any()):
+                return False  # host tensor: no device sync
+            if any(m.start <= pos < m.start + m.embeds.shape[0] for m in s.media):
+                return False
+        return True
+
+    def _run_graph(self, seqs: list[StepSequence]) -> list[torch.Tensor]:
+        assert self.graphs is not None
+        logits = self.graphs.run(
+            ids=[s.token_ids[0] for s in seqs],
+            positions=torch.cat([s.positions.reshape(-1, 1) for s in seqs], dim=1),
+            slots=[x for s in seqs for x in self.slot_mapping(s)],
+            seq_lens=[s.num_computed + 1 for s in seqs],
+            tables=[s.block_ids for s in seqs],
+        )  # [n, V]
+        return [logits[i : i + (s.logits != "none")] for i, s in enumerate(seqs)]
 
     def _metadata(self, seqs: list[StepSequence]) -> AttentionMetadata:
         dev = self.device

@@ -17,14 +17,19 @@ def route(
     k: int,
     bias: torch.Tensor | None = None,
     norm_min: float = 1e-12,
+    impl: Impl = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ERNIE-4.5 top-k routing; returns ``(topk_weights [T, k] fp32, topk_ids [T, k] int32)``.
 
     As ``Ernie4_5_VLMoeMoeTopKRouter``: probabilities are the fp32 softmax of the logits; the
     per-modality ``e_score_correction_bias`` is added only to *choose* the experts; the chosen
     experts' unbiased probabilities are renormalised by their sum, clamped below at
-    ``norm_min`` (config ``moe_norm_min``).
+    ``norm_min`` (config ``moe_norm_min``). The Triton kernel does all of it in one launch.
     """
+    if use_triton(gate_logits, impl):
+        from kernels.triton_impl.moe_routing import route_triton
+
+        return route_triton(gate_logits.float(), k, bias, norm_min)
     # T tokens, E experts
     probs = F.softmax(gate_logits.float(), dim=-1)  # [T, E]
     scores = probs if bias is None else probs + bias.float().reshape(-1)
@@ -96,12 +101,14 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     impl: Impl = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e][:I] @ x[t]) * w13[e][I:] @ x[t])``
     with ``e = topk_ids[t, j]``.
 
     x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; topk_weights [T, k] fp32; topk_ids [T, k] int32.
-    Returns [T, D] in x's dtype.
+    Returns [T, D] in x's dtype; with ``add`` [T, D] (the shared experts' output) returns
+    ``out + add``, rounded as the separate bf16 add would be (fused on GPU).
     """
     t, d = x.shape
     e, two_i, d13 = w13.shape
@@ -111,8 +118,13 @@ def fused_moe(
     assert topk_ids.dtype == torch.int32, topk_ids.dtype
     assert topk_weights.dtype == torch.float32, topk_weights.dtype
     assert w13.dtype == w2.dtype == x.dtype, (x.dtype, w13.dtype, w2.dtype)
+    if add is not None:
+        assert add.shape == x.shape and add.dtype == x.dtype, (add.shape, add.dtype)
     if not use_triton(x, impl):
-        return fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        out = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        return out if add is None else out + add
     from kernels.triton_impl.moe import fused_moe_triton
 
-    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_triton(
+        x, w13, w2, topk_weights, topk_ids, add=add.contiguous() if add is not None else None
+    )

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.layers.linear import check_shape
 from engine.layers.mlp import GatedMLP
-from kernels.moe import fused_moe
+from kernels.moe import fused_moe, route
 
 
 class Router(nn.Module):
@@ -30,11 +30,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[T, D]` -> (weights `[T, k]` fp32, expert ids `[T, k]` int32)."""
-        probs = F.softmax(F.linear(x.float(), self.weight.float()), dim=-1)  # [T, E]
-        _, ids = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1)
-        weights = probs.gather(-1, ids)
-        weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
-        return weights, ids.to(torch.int32)
+        logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32, as ERNIE routes
+        # softmax, biased top-k, renormalise: one Triton launch on GPU (kernels.moe.route)
+        return route(logits, self.top_k, self.e_score_correction_bias, self.norm_min)
 
 
 class Experts(nn.Module):
@@ -60,8 +58,14 @@ class Experts(nn.Module):
         with torch.no_grad():
             target.copy_(tensor)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids)
+    def forward(
+        self,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        ids: torch.Tensor,
+        add: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids, add=add)
 
 
 class ExpertGroup(nn.Module):
@@ -79,9 +83,10 @@ class ExpertGroup(nn.Module):
         self.gate = Router(num_experts, hidden_size, top_k, norm_min)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """Routed experts' sum for x `[T, D]`, plus `add` `[T, D]` if given (fused on GPU)."""
         weights, ids = self.gate(x)
-        return self.experts(x, weights.to(torch.float32), ids)
+        return self.experts(x, weights.to(torch.float32), ids, add)
 
 
 class MoEBlock(nn.Module):
@@ -107,15 +112,16 @@ class MoEBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, vision_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x `[T, D]`; vision_mask `[T]` bool marks image/video tokens (VL only)."""
+        """x `[T, D]`; vision_mask `[T]` bool marks image/video tokens (VL only).
+
+        With no mask (decode: generated tokens are always text) nothing reads the device, so
+        the step can be captured in a CUDA graph; a mask costs a host sync to split rows."""
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
         if self.vision_moe is None or vision_mask is None or not bool(vision_mask.any()):
-            out = self.text_moe(x)
-        else:
-            out = torch.empty_like(x)
-            text_mask = ~vision_mask
-            if bool(text_mask.any()):
-                out[text_mask] = self.text_moe(x[text_mask])
-            out[vision_mask] = self.vision_moe(x[vision_mask])
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+            return self.text_moe(x, add=shared)  # the shared sum rides in the combine kernel
+        out = torch.empty_like(x)
+        text_mask = ~vision_mask
+        if bool(text_mask.any()):
+            out[text_mask] = self.text_moe(x[text_mask])
+        out[vision_mask] = self.vision_moe(x[vision_mask])
+        return out if shared is None else out + shared

@@ -49,6 +49,16 @@ class TextRotary(nn.Module):
             angles = per_pair * self.inv_freq
         return angles.cos(), angles.sin()
 
+    def step_table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions `[T]` or `[3, T]` -> (table `[T, D]` fp32 = cos | sin, rows `[T]` int64).
+
+        Token i's angles sit in row i, so `kernels.rotary_embedding(q, k, rows, table)` rotates
+        q and k in one launch per layer. Built once per step (3-D positions resolved here), so
+        no table of every position is kept and any position works."""
+        cos, sin = self.cos_sin(positions)
+        rows = torch.arange(cos.shape[0], device=cos.device)
+        return torch.cat([cos, sin], dim=-1), rows
+
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x `[T, H, D]`, cos/sin `[T, D/2]` -> rotated x, computed in fp32."""

@@ -21,6 +21,7 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoEBlock
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import TextRotary
+from kernels.rotary import rotary_embedding
 
 
 class Attention(nn.Module):
@@ -43,11 +44,14 @@ class Attention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """rope = `TextRotary.step_table(positions)`."""
         # T tokens, H query heads, K kv heads, D head dim
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
-        q = TextRotary.apply(q.view(-1, self.num_heads, self.head_dim), *rope)  # [T, H, D]
-        k = TextRotary.apply(k.view(-1, self.num_kv_heads, self.head_dim), *rope)  # [T, K, D]
+        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D] views of the qkv output
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, K, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        table, rows = rope
+        rotary_embedding(q, k, rows, table)  # in place, both in one launch
         out = self.attn(q, k, v, kv_cache, meta)  # [T, H, D]
         return self.o_proj(out.flatten(1))
 
@@ -80,16 +84,25 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         h: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: KVCache,
         meta: AttentionMetadata,
         vision_mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, kv_cache, meta)
-        x = self.post_attention_layernorm(h)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (this layer's MLP output, the residual stream before it).
+
+        The stream is `residual + h`; the add is left to the next norm, which fuses it
+        (the same bf16 roundings as adding first: see kernels.rms_norm)."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(x, rope, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_forward(h, residual)
         if isinstance(self.mlp, MoEBlock):
-            return h + self.mlp(x, vision_mask)
-        return h + self.mlp(x)
+            return self.mlp(x, vision_mask), residual
+        return self.mlp(x), residual
 
 
 class Ernie45Model(nn.Module):
@@ -115,12 +128,15 @@ class Ernie45Model(nn.Module):
         `after_layer(i)` runs once layer i has written its KV (prefill streams it out).
         """
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        rope = self.rotary.cos_sin(positions)
+        rope = self.rotary.step_table(positions)
+        residual: torch.Tensor | None = None
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
-            h = layer(h, rope, kv_cache, meta, vision_mask)
+            h, residual = layer(h, residual, rope, kv_cache, meta, vision_mask)
             if after_layer is not None:
                 after_layer(i)
-        return self.norm(h)
+        if residual is None:  # no layers
+            return self.norm(h)
+        return self.norm.add_forward(h, residual)[0]
 
 
 class Ernie45ForCausalLM(nn.Module):

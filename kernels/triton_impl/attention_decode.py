@@ -32,7 +32,6 @@ def _decode_split_kernel(
     stride_qt,
     stride_qh,
     stride_bt,
-    SPLIT_LEN,
     NUM_SPLITS: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -52,8 +51,12 @@ def _decode_split_kernel(
     if q_len == 0:  # an empty (padding) sequence owns no output row
         return
     seq_len = tl.load(seq_lens_ptr + b)
-    lo = split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, seq_len)
+    # Split this sequence's own context, not the table width: a CUDA graph is captured with
+    # tables as wide as the longest sequence could be, and the work must still spread over
+    # all S programs. Each split covers a whole number of BLOCK_N tiles.
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -160,9 +163,14 @@ def paged_attention_decode(
     query_start_loc: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    block_n: int = 32,
+    block_n: int = 64,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention (one query per sequence); same contract as ``paged_attention``."""
+    """Decode attention (one query per sequence); same contract as ``paged_attention``.
+
+    Tiles from the H100 sweep in bench/gpu_bench.py (--attention-sweep): 64 keys per step;
+    8 warps when there are fewer (sequence, kv head) pairs than SMs (b1 ctx512: 10.4 us vs
+    12.3 for the old 32 x 4 warps), else 4 (b256 ctx768: 152 us vs 172)."""
     # T tokens (== B), Hq/Hkv heads, D head dim, S splits
     t, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -176,10 +184,13 @@ def paged_attention_decode(
     if t == 0:
         return out
     max_context = max_blocks * block_size
+    if num_warps is None:
+        num_sms = (
+            torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        )
+        num_warps = 8 if b * hkv < num_sms else 4
     if num_splits is None:
         num_splits = default_num_splits(b, hkv, max_context, q.device)
-    # Each split covers a whole number of BLOCK_N tiles.
-    split_len = triton.cdiv(triton.cdiv(max_context, num_splits), block_n) * block_n
     part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
     group = hq // hkv
@@ -196,7 +207,6 @@ def paged_attention_decode(
         q.stride(0),
         q.stride(1),
         block_tables.stride(0),
-        split_len,
         NUM_SPLITS=num_splits,
         HQ=hq,
         HKV=hkv,
@@ -207,6 +217,7 @@ def paged_attention_decode(
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(d)),
         DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps,
     )
     _decode_merge_kernel[(b, hq)](
         part_out,

@@ -9,12 +9,42 @@ the down projection, scaled by the routing weight. The k rows of a token are sum
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels._dispatch import dot_precision
 from kernels.moe import moe_align_block_size
+from kernels.triton_impl.moe_routing import ALIGN_MAX_ROWS, moe_align_triton, moe_combine_triton
+
+
+@dataclass(frozen=True)
+class MoeTiles:
+    """Tile shape and pipelining of both grouped GEMMs (BLOCK_M also pads the expert runs)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (max tokens, tiles), first match wins. Decode is a weight stream: each expert sees a few
+# rows, so the smallest M tile tl.dot allows and long K tiles keep many loads in flight.
+# Prefill has hundreds of rows per expert and wants square-ish, compute-dense tiles.
+# Picked from the sweep in bench/gpu_bench.py (--moe-sweep) on an H100; see bench/RESULTS.md.
+MOE_TILES: list[tuple[int, MoeTiles]] = [
+    (128, MoeTiles(16, 64, 128, 4, 4)),  # T=1: 0.068 ms/layer (old 64x64x32: 0.097)
+    (512, MoeTiles(32, 64, 128, 4, 3)),  # T=256: 0.561 ms (old 0.801)
+    (4096, MoeTiles(128, 128, 64, 8, 3)),  # T=2048: 1.170 ms (old 1.789)
+    (1 << 62, MoeTiles(64, 256, 64, 8, 3)),  # T=8192: 3.235 ms (old 6.772)
+]
+
+
+def pick_tiles(num_tokens: int) -> MoeTiles:
+    return next(tiles for bound, tiles in MOE_TILES if num_tokens <= bound)
 
 
 @triton.jit
@@ -90,16 +120,16 @@ def _launch(
     a_row_div: int,
     gated: bool,
     mul_weight: bool,
-    block_m: int,
-    block_n: int,
-    block_k: int,
+    tiles: MoeTiles,
 ) -> None:
     sorted_ids, expert_ids, num_post = align
     n = c.shape[1]
     k = a.shape[1]
     assert a.stride(1) == 1 and c.stride(1) == 1 and w.is_contiguous(), "row-major operands"
     assert w.shape[1] == (2 * n if gated else n) and w.shape[2] == k, (w.shape, n, k)
-    grid = (sorted_ids.shape[0] // block_m, triton.cdiv(n, block_n))
+    assert sorted_ids.shape[0] % tiles.block_m == 0, (sorted_ids.shape, tiles)
+    assert expert_ids.shape[0] == sorted_ids.shape[0] // tiles.block_m, expert_ids.shape
+    grid = (sorted_ids.shape[0] // tiles.block_m, triton.cdiv(n, tiles.block_n))
     _moe_gemm_kernel[grid](
         a,
         w,
@@ -118,10 +148,12 @@ def _launch(
         A_ROW_DIV=a_row_div,
         GATED=gated,
         MUL_WEIGHT=mul_weight,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
         DOT_PRECISION=dot_precision(a.dtype),
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )
 
 
@@ -131,11 +163,16 @@ def fused_moe_triton(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    block_m: int = 64,
-    block_n: int = 64,
-    block_k: int = 32,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    tiles: MoeTiles | None = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Two grouped GEMMs; same contract as ``kernels.moe.fused_moe``."""
+    """Two grouped GEMMs; same contract as ``kernels.moe.fused_moe``.
+
+    Tiles come from ``MOE_TILES`` by token count unless given (``tiles`` or the block sizes).
+    """
     # T tokens, k experts per token, D hidden, I intermediate, E experts
     t, d = x.shape
     num_experts, two_i, _ = w13.shape
@@ -143,10 +180,18 @@ def fused_moe_triton(
     assert topk_weights.is_contiguous() and x.stride(1) == 1
     if t == 0:
         return torch.zeros_like(x)
-    align = moe_align_block_size(topk_ids, num_experts, block_m)
+    tiles = tiles or pick_tiles(t)
+    if block_m or block_n or block_k:
+        bm, bn, bk = block_m or tiles.block_m, block_n or tiles.block_n, block_k or tiles.block_k
+        tiles = MoeTiles(bm, bn, bk)
+    if t * top_k <= ALIGN_MAX_ROWS:  # one launch instead of ~18
+        align = moe_align_triton(topk_ids.contiguous(), num_experts, tiles.block_m)
+    else:
+        align = moe_align_block_size(topk_ids, num_experts, tiles.block_m)
     inter = torch.empty(t * top_k, two_i // 2, dtype=x.dtype, device=x.device)  # [T*k, I]
-    _launch(x, w13, inter, topk_weights, align, top_k, True, False, block_m, block_n, block_k)
+    _launch(x, w13, inter, topk_weights, align, top_k, True, False, tiles)
     # fp32 per-slot outputs so the k-way sum rounds once.
     down = torch.empty(t * top_k, d, dtype=torch.float32, device=x.device)  # [T*k, D]
-    _launch(inter, w2, down, topk_weights, align, 1, False, True, block_m, block_n, block_k)
-    return down.view(t, top_k, d).sum(dim=1).to(x.dtype)
+    _launch(inter, w2, down, topk_weights, align, 1, False, True, tiles)
+    # k-way sum, rounding and the optional add (shared experts) in one pass
+    return moe_combine_triton(down.view(t, top_k, d), x.dtype, add)

@@ -1,0 +1,219 @@
+"""MoE routing glue as single launches: top-k routing and the expert sort for grouped GEMM.
+
+In torch each of these is 10-20 tiny kernels (softmax, add, topk, gather, sum, clamp, div,
+cast; scatter_add, cumsum, argsort, searchsorted, ...). At decode every one of them costs a
+launch of ~2 us for a few hundred bytes of work, per MoE layer, so they dominated the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import next_pow2
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    stride_lt,
+    norm_min,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # One program per token: softmax over E, top-k of (probs + bias) by repeated argmax
+    # (descending, first index on ties, as torch.topk), renormalise the unbiased probs.
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    x = tl.load(logits_ptr + t * stride_lt + offs_e, mask=mask_e, other=float("-inf"))
+    x = x.to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)  # [BLOCK_E] softmax; 0 past E
+    score = p
+    if HAS_BIAS:
+        score = p + tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+    score = tl.where(mask_e, score, float("-inf"))
+    offs_k = tl.arange(0, BLOCK_K)
+    w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.argmax(score, axis=0)
+        pick = offs_e == best
+        w = tl.where(offs_k == j, tl.sum(tl.where(pick, p, 0.0), axis=0), w)
+        ids = tl.where(offs_k == j, best.to(tl.int32), ids)
+        score = tl.where(pick, float("-inf"), score)
+    w = w / tl.maximum(tl.sum(w, axis=0), norm_min)
+    mask_k = offs_k < K
+    tl.store(weights_ptr + t * K + offs_k, w, mask=mask_k)
+    tl.store(ids_ptr + t * K + offs_k, ids, mask=mask_k)
+
+
+def route_triton(
+    gate_logits: torch.Tensor, k: int, bias: torch.Tensor | None, norm_min: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``kernels.moe.route``; one launch."""
+    # T tokens, E experts
+    t, e = gate_logits.shape
+    assert gate_logits.stride(1) == 1, gate_logits.stride()
+    assert k <= e, (k, e)
+    if bias is not None:
+        bias = bias.reshape(-1)
+        assert bias.shape == (e,) and bias.is_contiguous(), bias.shape
+    weights = torch.empty(t, k, dtype=torch.float32, device=gate_logits.device)  # [T, k]
+    ids = torch.empty(t, k, dtype=torch.int32, device=gate_logits.device)  # [T, k]
+    if t == 0:
+        return weights, ids
+    _route_kernel[(t,)](
+        gate_logits,
+        gate_logits if bias is None else bias,  # placeholder pointer when unused
+        weights,
+        ids,
+        gate_logits.stride(0),
+        norm_min,
+        E=e,
+        K=k,
+        HAS_BIAS=bias is not None,
+        BLOCK_E=next_pow2(e),
+        BLOCK_K=next_pow2(k),
+    )
+    return weights, ids
+
+
+@triton.jit
+def _align_kernel(
+    ids_ptr,
+    sorted_ptr,
+    expert_ids_ptr,
+    num_post_ptr,
+    scratch_ptr,  # [2E] int32: counts, then each expert's first padded row
+    n,
+    P,
+    NB,
+    E: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    # One program. Phases are separated by barriers: a CTA sees its own global writes
+    # after __syncthreads. Rows inside an expert's run come in atomic order, not stable
+    # order; the GEMM does not care (each row is written back by its own id).
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    tl.store(scratch_ptr + offs_e, tl.zeros([BLOCK_E], dtype=tl.int32), mask=mask_e)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        tl.store(sorted_ptr + offs_p, tl.zeros([BLOCK_P], dtype=tl.int32) + n, mask=offs_p < P)
+    tl.debug_barrier()
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < n
+    expert = tl.load(ids_ptr + offs, mask=mask, other=0)
+    rank = tl.atomic_add(scratch_ptr + expert, tl.full([BLOCK_N], 1, tl.int32), mask=mask)
+    tl.debug_barrier()
+    # volatile: the atomics updated L2; an L1 line from the zeroing store would be stale.
+    counts = tl.load(scratch_ptr + offs_e, mask=mask_e, other=0, volatile=True)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, axis=0)  # [BLOCK_E] one past each expert's padded run
+    tl.store(scratch_ptr + E + offs_e, end - padded, mask=mask_e)
+    total = tl.sum(padded, axis=0)
+    tl.store(num_post_ptr, total)
+    tl.debug_barrier()
+    start = tl.load(scratch_ptr + E + expert, mask=mask, other=0, volatile=True)
+    tl.store(sorted_ptr + start + rank, offs, mask=mask)
+    end = tl.where(mask_e, end, 1 << 30)
+    for b0 in range(0, NB, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        row = blk * BLOCK_M
+        # expert of a block = number of experts whose run ends at or before its first row
+        owner = tl.sum((end[None, :] <= row[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(row < total, owner, -1)
+        tl.store(expert_ids_ptr + blk, owner, mask=blk < NB)
+
+
+ALIGN_MAX_ROWS = 4096
+"""Above this many (token, slot) rows one program is too narrow: use the torch sort."""
+
+
+def moe_align_triton(
+    topk_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as ``kernels.moe.moe_align_block_size`` (order inside a run may differ)."""
+    # n flat (token, slot) rows, E experts, P padded rows, NB row blocks
+    n = topk_ids.numel()
+    assert 0 < n <= ALIGN_MAX_ROWS, n
+    assert topk_ids.is_contiguous() and topk_ids.dtype == torch.int32, topk_ids.dtype
+    dev = topk_ids.device
+    p = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    sorted_ids = torch.empty(p, dtype=torch.int32, device=dev)  # [P]
+    expert_ids = torch.empty(p // block_m, dtype=torch.int32, device=dev)  # [NB]
+    num_post = torch.empty(1, dtype=torch.int32, device=dev)
+    scratch = torch.empty(2 * num_experts, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](
+        topk_ids,
+        sorted_ids,
+        expert_ids,
+        num_post,
+        scratch,
+        n,
+        p,
+        p // block_m,
+        E=num_experts,
+        BLOCK_M=block_m,
+        BLOCK_N=next_pow2(n),
+        BLOCK_E=next_pow2(num_experts),
+        BLOCK_P=1024,
+        BLOCK_B=64,
+        num_warps=8 if n > 1024 else 4,
+    )
+    return sorted_ids, expert_ids, num_post
+
+
+@triton.jit
+def _combine_kernel(
+    down_ptr,
+    add_ptr,
+    out_ptr,
+    D,
+    K: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs < D
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(down_ptr + (t * K + j) * D + offs, mask=mask, other=0.0)
+    out = acc.to(out_ptr.dtype.element_ty)
+    if HAS_ADD:  # rounded like the unfused `moe_out + shared_out`
+        add = tl.load(add_ptr + t * D + offs, mask=mask, other=0.0)
+        out = (out.to(tl.float32) + add.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * D + offs, out, mask=mask)
+
+
+def moe_combine_triton(
+    down: torch.Tensor, dtype: torch.dtype, add: torch.Tensor | None
+) -> torch.Tensor:
+    """down ``[T, k, D]`` fp32 per-slot outputs -> ``sum_k`` rounded to dtype (+ add)."""
+    # T tokens, k slots, D hidden
+    t, k, d = down.shape
+    assert down.is_contiguous() and down.dtype == torch.float32, (down.stride(), down.dtype)
+    if add is not None:
+        assert add.shape == (t, d) and add.is_contiguous() and add.dtype == dtype, add.shape
+    out = torch.empty(t, d, dtype=dtype, device=down.device)  # [T, D]
+    if t == 0:
+        return out
+    block = 1024
+    _combine_kernel[(t, triton.cdiv(d, block))](
+        down, down if add is None else add, out, d, K=k, HAS_ADD=add is not None, BLOCK_D=block
+    )
+    return out

@@ -1,0 +1,95 @@
+"""One-launch MoE glue: Triton routing and expert sort vs the torch references; decode
+attention with graph-width block tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import moe_align_block_size, paged_attention, paged_attention_ref, route
+from kernels._dispatch import interpreting, triton_available
+
+needs_triton = pytest.mark.skipif(
+    not (triton_available() and interpreting()), reason="needs triton and TRITON_INTERPRET=1"
+)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("t", "e", "k", "with_bias"), [(1, 64, 6, True), (19, 8, 2, False), (6, 7, 3, True)]
+)
+def test_route_kernel_matches_reference(t: int, e: int, k: int, with_bias: bool) -> None:
+    logits = torch.randn(t, e)
+    bias = torch.rand(e) * 0.3 if with_bias else None  # big enough to change the winners
+    want_w, want_ids = route(logits, k, bias, impl="torch")
+    got_w, got_ids = route(logits, k, bias, impl="triton")
+    assert torch.equal(got_ids, want_ids)  # same experts, same (descending) order
+    torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("t", "k", "e", "block_m"), [(1, 6, 64, 16), (13, 2, 5, 4), (40, 3, 8, 16)]
+)
+def test_align_kernel_matches_reference(t: int, k: int, e: int, block_m: int) -> None:
+    from kernels.triton_impl.moe_routing import moe_align_triton
+
+    ids = torch.randint(0, e, (t, k), dtype=torch.int32)
+    got_sorted, got_experts, got_used = moe_align_triton(ids, e, block_m)
+    want_sorted, want_experts, want_used = moe_align_block_size(ids, e, block_m)
+    assert torch.equal(got_experts, want_experts) and torch.equal(got_used, want_used)
+    assert got_sorted.shape == want_sorted.shape
+    # Rows of a run come in any order (atomics): compare each block as a set.
+    for blk in range(got_experts.shape[0]):
+        rows = slice(blk * block_m, (blk + 1) * block_m)
+        assert sorted(got_sorted[rows].tolist()) == sorted(want_sorted[rows].tolist())
+
+
+@needs_triton
+def test_decode_kernel_with_graph_width_tables() -> None:
+    """CUDA graphs pad block tables to the longest possible sequence; the kernel must split
+    each sequence by its own length (padding rows: seq_len 1) and still match."""
+    hq, hkv, d, bs, width = 4, 2, 16, 4, 64
+    lens = [1, 37, 12, 1]
+    num_blocks = 40
+    kc, vc = torch.randn(num_blocks, bs, hkv, d), torch.randn(num_blocks, bs, hkv, d)
+    tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    perm = torch.randperm(num_blocks)
+    used = 0
+    for b, n in enumerate(lens):
+        m = -(-n // bs)
+        tables[b, :m] = perm[used : used + m].int()
+        used += m
+    sl = torch.tensor(lens, dtype=torch.int32)
+    qsl = torch.arange(len(lens) + 1, dtype=torch.int32)
+    q = torch.randn(len(lens), hq, d)
+    ref = paged_attention_ref(q, kc, vc, tables, sl, qsl, d**-0.5)
+    out = paged_attention(q, kc, vc, tables, sl, qsl, d**-0.5, impl="triton")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("with_add", [False, True])
+def test_fused_moe_add_matches_unfused(with_add: bool) -> None:
+    from kernels import fused_moe, fused_moe_ref
+
+    t, d, i, e, k = 5, 32, 16, 4, 2
+    x = torch.randn(t, d)
+    w13, w2 = torch.randn(e, 2 * i, d) / d**0.5, torch.randn(e, d, i) / i**0.5
+    weights, ids = route(torch.randn(t, e), k)
+    add = torch.randn(t, d) if with_add else None
+    want = fused_moe_ref(x, w13, w2, weights, ids)
+    want = want if add is None else want + add
+    got = fused_moe(x, w13, w2, weights, ids, impl="triton", add=add)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_silu_and_mul_kernel(dtype: torch.dtype) -> None:
+    from kernels.activation import silu_and_mul, silu_and_mul_ref
+
+    x = torch.randn(3, 2 * 1100).to(dtype)  # I not a multiple of the block
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    got = silu_and_mul(x, impl="triton")
+    torch.testing.assert_close(got, silu_and_mul_ref(x), atol=tol, rtol=tol)
