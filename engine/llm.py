@@ -178,6 +178,11 @@ def _to_bytes(item: Any) -> bytes:
         item.save(buf, format="PNG")
         return buf.getvalue()
     text = str(item)
+    if text.startswith(("http://", "https://")):
+        raise ValueError(
+            "the offline LLM reads PIL images, bytes, local paths and data: URLs; fetch "
+            f"{text[:60]!r} first (the server's gateway fetches URLs safely)"
+        )
     if text.startswith("data:"):
         import base64
 
