@@ -1,8 +1,9 @@
 """The text side of one completion: token ids in, (reasoning, content) text deltas out.
 
 Incremental detokenizer → stop strings → reasoning split (`ernie-45-vl`), with the
-counters usage needs. Torch-free, so the gateway (colocated serving) and decode_svc
-(disaggregated: deltas carry text) run the very same code. A stop string never leaks
+counters usage needs. Torch-free, so the gateway (`gateway.generation.ChoiceDecoder`, over
+any backend) and decode_svc (text in `Decode.Generate` deltas, for clients that ask for
+it) run the very same code. A stop string never leaks
 partially: the matcher holds back any tail that could still grow into one, and a marker
 such as "</thi" is held back until the next delta settles it.
 """

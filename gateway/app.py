@@ -3,8 +3,10 @@
     app = create_app(backend, tokenizer, chat_template, GatewayConfig(...))
 
 `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models` (guarded by the API
-key when one is set), `GET /health` (200 only while the backend is healthy), `GET /live`
-(the process answers) and, when asked, `GET /metrics`. Every error has OpenAI's shape.
+key when one is set), `GET /health` (200 only while the backend's `check_health()` is
+true: readiness, it covers every service behind the backend), `GET /live` (the process
+answers, whatever the backend's state: liveness) and, when asked, `GET /metrics`. Every
+error has OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -60,12 +62,17 @@ class GatewayConfig:
     """Longest wait for the backend (a media item encoded, the first token, each next
     one); past it the request is cancelled and answered 504 / DEADLINE_EXCEEDED. None = no
     limit. Generous by default: a queued request waits for others to finish."""
+    health_timeout_s: float = 5.0
+    """Longest wait for the backend's health check behind /health and gRPC health; past
+    it the answer is 503 / NOT_SERVING."""
 
     def __post_init__(self) -> None:
         if self.max_request_body_bytes <= 0:
             raise ValueError("max_request_body_bytes must be positive")
         if self.upstream_timeout_s is not None and self.upstream_timeout_s <= 0:
             raise ValueError("upstream_timeout_s must be positive (or None for no limit)")
+        if self.health_timeout_s <= 0:
+            raise ValueError("health_timeout_s must be positive")
         for kind, limit in self.limit_mm_per_prompt.items():
             if kind not in ("image", "video") or not isinstance(limit, int) or limit < 0:
                 raise ValueError(
@@ -85,7 +92,7 @@ def create_app(
     if isinstance(backend, StatsSource):
         metrics.watch(backend)
     ctx = ServingContext(
-        UpstreamBackend(backend, metrics, config.upstream_timeout_s),
+        UpstreamBackend(backend, metrics, config.upstream_timeout_s, config.health_timeout_s),
         tokenizer,
         chat_template,
         MediaFetcher(config.media),

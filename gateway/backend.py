@@ -3,9 +3,10 @@
 The gateway speaks token ids: it renders and tokenizes the prompt, hands the backend a
 `GenerateRequest` and turns the `GenerateDelta`s it gets back into text (detokenizing,
 stop strings and reasoning splitting stay on the front side). Two implementations:
-`tandem.local_backend.LocalBackend` (the engine in-process, on its own thread) and, later,
-a gRPC client of the disaggregated services. Neither torch nor the engine leaks through
-here: media travel as an opaque `EncodedMedia.payload` the backend itself produced.
+`tandem.local_backend.LocalBackend` (the engine in-process, on its own thread, for
+`--colocate`) and `tandem.grpc_backend.GrpcBackend` (a client of the vision, prefill and
+decode services). Neither torch nor the engine leaks through here: media travel as an
+opaque `EncodedMedia.payload` the backend itself produced.
 """
 
 from __future__ import annotations
@@ -109,25 +110,31 @@ class GenerateDelta:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot of one engine (one role) behind the backend."""
+    """A snapshot of one engine (one role) behind the backend.
+
+    None = this engine does not report the field; /metrics then leaves it out rather than
+    export a zero it never measured.
+    """
 
     role: EngineRole
-    num_requests_running: int
-    num_requests_waiting: int
-    num_kv_blocks_used: int
+    num_requests_running: int | None = None
+    num_requests_waiting: int | None = None
+    num_kv_blocks_used: int | None = None
     """Blocks held by at least one request: 0 whenever the engine is idle (else a leak)."""
-    num_kv_blocks_total: int
-    num_prefix_cache_queries: int
+    num_kv_blocks_total: int | None = None
+    num_prefix_cache_queries: int | None = None
     """Prompt tokens looked up in the prefix cache since start (a counter)."""
-    num_prefix_cache_hits: int
+    num_prefix_cache_hits: int | None = None
     """Of those, tokens found (a counter)."""
 
 
 @dataclass(frozen=True)
 class BackendStats:
     engines: tuple[EngineStats, ...]
-    num_kv_transfer_failures: int = 0
-    """KV transfers between prefill and decode that failed since start (a counter)."""
+    """One per role the backend runs: (`both`,) in one process, (prefill, decode) split."""
+    num_kv_transfer_failures: int | None = None
+    """KV transfers between prefill and decode that failed since start (a counter); None =
+    not reported (a backend without KV transfers)."""
 
 
 @runtime_checkable
@@ -155,7 +162,8 @@ class Backend(Protocol):
         ...
 
     async def check_health(self) -> bool:
-        """True while the backend can serve requests."""
+        """True while the backend can serve requests: every service behind it answers
+        (the gateway's /health and gRPC health follow this)."""
         ...
 
     # Optional: `stats() -> BackendStats` (see `StatsSource`), read at each /metrics scrape.

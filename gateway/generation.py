@@ -1,11 +1,13 @@
 """From backend token deltas to text deltas, one choice at a time, and n choices at once.
 
-`ChoiceDecoder` is the text side of one completion: incremental detokenizer → stop strings
-→ reasoning split. `open_choices` starts n backend streams (one per choice, so n > 1 works
-the same on any backend) and waits for each to produce its first delta, so a request the
-backend refuses fails before any HTTP header is sent. `merge_choices` interleaves them.
-Every backend stream is closed on exit (normal end, stop string, error or cancellation),
-which is how a stop string or a client disconnect cancels the request in the backend.
+`ChoiceDecoder` is one choice of a response: a `chat.text_stream.TextStream` (incremental
+detokenizer → stop strings → reasoning split, the very code decode_svc runs) plus what the
+response needs beside the text: its index, logprobs, usage counters and why it stopped.
+`open_choices` starts n backend streams (one per choice, so n > 1 works the same on any
+backend) and waits for each to produce its first delta, so a request the backend refuses
+fails before any HTTP header is sent. `merge_choices` interleaves them. Every backend
+stream is closed on exit (normal end, stop string, error or cancellation), which is how a
+stop string or a client disconnect cancels the request in the backend.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from chat.detokenizer import IncrementalDetokenizer
-from chat.reasoning import ReasoningStatus, ReasoningStream
-from chat.stop import StopStringMatcher
+from chat.text_stream import TextChunk, TextOptions, TextStream
 from chat.tokenizer import Tokenizer
 from gateway.backend import Backend, GenerateDelta, GenerateRequest
+from gateway.protocol import StopReason
 
 
 @dataclass
@@ -33,17 +34,8 @@ class TextDelta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class TextOptions:
-    """How a choice's tokens become text."""
-
-    stop: Sequence[str] = ()
-    include_stop_str_in_output: bool = False
-    skip_special_tokens: bool = True
-    reasoning: ReasoningStatus | None = None
-    """None = no reasoning parser (completions): everything is content."""
+    stop_reason: StopReason = None
+    """Set with `finish_reason` when a stop string or a stop token ended the choice."""
 
 
 class ChoiceDecoder:
@@ -51,28 +43,25 @@ class ChoiceDecoder:
 
     def __init__(self, index: int, tokenizer: Tokenizer, options: TextOptions) -> None:
         self.index = index
-        self._detok = IncrementalDetokenizer(
-            tokenizer, skip_special_tokens=options.skip_special_tokens
-        )
-        self._stop = StopStringMatcher(
-            options.stop, include_stop_str_in_output=options.include_stop_str_in_output
-        )
-        status = options.reasoning
-        self._reasoning = ReasoningStream(status) if status is not None else None
-        self._counting_reasoning = status is ReasoningStatus.THINKING
-        self._think_end_id = tokenizer.token_to_id("</think>")
-        self.token_ids: list[int] = []
+        self._text = TextStream(tokenizer, options)
         self.logprobs: list[dict[int, float]] = []
         self.reasoning_text: list[str] = []
         self.content_text: list[str] = []
-        self.num_reasoning_tokens = 0
         self.num_prompt_tokens = 0
         self.num_cached_tokens = 0
-        self.finish_reason: str | None = None
+        self.stop_reason: StopReason = None
 
     @property
-    def saw_reasoning(self) -> bool:
-        return self._reasoning is not None and self._reasoning.saw_reasoning
+    def token_ids(self) -> list[int]:
+        return self._text.token_ids
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        return self._text.num_reasoning_tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._text.finish_reason
 
     def feed(self, delta: GenerateDelta) -> TextDelta:
         """Consume one backend delta; `finish_reason` is set once this choice is done."""
@@ -81,47 +70,31 @@ class ChoiceDecoder:
             return out
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = max(self.num_cached_tokens, delta.num_cached_tokens)
-        self._count_tokens(delta.token_ids)
         self.logprobs.extend(delta.logprobs or ())
-        text = self._detok.add_tokens(delta.token_ids)
-        if delta.finished:
-            text += self._detok.finish()
-        update = self._stop.feed(text)
-        text = update.text
-        if update.stopped:
-            self.finish_reason = "stop"
-        elif delta.finished:
-            text += self._stop.finish()
-            self.finish_reason = delta.finish_reason or "stop"
-        out.reasoning, out.content = self._split(text, final=self.finish_reason is not None)
-        out.finish_reason = self.finish_reason
+        chunk = self._text.feed(
+            delta.token_ids, finished=delta.finished, finish_reason=delta.finish_reason
+        )
+        if chunk.finish_reason is not None:
+            self.stop_reason = self._stop_reason(chunk, delta)
+        out.reasoning, out.content = chunk.reasoning, chunk.content
+        out.finish_reason, out.stop_reason = chunk.finish_reason, self.stop_reason
         self.reasoning_text.append(out.reasoning)
         self.content_text.append(out.content)
         return out
 
-    def _count_tokens(self, token_ids: Sequence[int]) -> None:
-        self.token_ids.extend(token_ids)
-        for token_id in token_ids:
-            if not self._counting_reasoning:
-                break
-            if token_id == self._think_end_id:
-                self._counting_reasoning = False
-            else:
-                self.num_reasoning_tokens += 1
-
-    def _split(self, text: str, *, final: bool) -> tuple[str, str]:
-        if self._reasoning is None:
-            return "", text
-        reasoning, content = self._reasoning.feed(text)
-        if final:
-            more_reasoning, more_content = self._reasoning.finish()
-            reasoning, content = reasoning + more_reasoning, content + more_content
-        return reasoning, content
+    def _stop_reason(self, chunk: TextChunk, delta: GenerateDelta) -> StopReason:
+        if chunk.stop_str is not None:
+            return chunk.stop_str
+        # The engine finishes 'stop' only on the token that ended it (EOS or a
+        # stop_token_ids entry), which is then the choice's last token.
+        if delta.finished and delta.finish_reason == "stop" and self.token_ids:
+            return self.token_ids[-1]
+        return None
 
     @property
     def reasoning(self) -> str | None:
         """The whole reasoning text; None when the output had no reasoning part."""
-        return "".join(self.reasoning_text) if self.saw_reasoning else None
+        return "".join(self.reasoning_text) if self._text.saw_reasoning else None
 
     @property
     def content(self) -> str:

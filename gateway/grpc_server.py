@@ -3,12 +3,13 @@
 The servicer is a thin adapter: a `GenerateRequest` becomes the very `ChatCompletionRequest`
 or `CompletionRequest` a REST route validates, the same `ChatService` / `CompletionService`
 start it, and each `TextDelta` goes back as a `Delta` (answer in `text`, reasoning in
-`reasoning_text`, usage on the last one). So both APIs share one code path: validation,
-stop strings, reasoning split, upstream timeout and metrics. One interceptor checks the API
-key (metadata `authorization: Bearer KEY`) and maps every error to the status code of the
-error table's row (gateway/errors.py). A cancelled RPC cancels the handler, which closes the
-backend streams: the request is aborted upstream. `grpc.health.v1` (following the backend's
-health) and server reflection are on and need no key.
+`reasoning_text`, usage and `stop_reason` on the last one). So both APIs share one code
+path: validation, stop strings, reasoning split, upstream timeout and metrics. One
+interceptor checks the API key (metadata `authorization: Bearer KEY`) and maps every error
+to the status code of the error table's row (gateway/errors.py). A cancelled RPC cancels
+the handler, which closes the backend streams: the request is aborted upstream.
+`grpc.health.v1` (following the backend's health) and server reflection are on and need
+no key.
 
 `GrpcServer` runs in the event loop of the REST server and is shaped like `uvicorn.Server`
 (`serve()`, `should_exit`, `force_exit`), so `tandem serve` starts and stops it with the
@@ -139,6 +140,8 @@ def _delta(td: TextDelta, run: Run) -> common_pb2.Delta:
     )
     if td.finish_reason is not None:
         delta.finish_reason = _FINISH_REASONS.get(td.finish_reason, common_pb2.FINISH_REASON_STOP)
+        if td.stop_reason is not None:
+            delta.stop_reason = str(td.stop_reason)
         usage = usage_of(run.num_prompt_tokens, run.decoders)
         delta.usage.CopyFrom(
             common_pb2.Usage(

@@ -6,8 +6,9 @@ backend's state.
   and end-to-end latency measured at the gateway for every backend stream (REST and gRPC
   alike, see `RequestTimer`); queue / prefill / decode / inference time as the backend
   reports them (`RequestTimings`); and, read at each scrape from `Backend.stats()`, requests
-  running and waiting, KV blocks in use and prefix-cache tokens per engine role, and KV
-  transfer failures. Only what the backend measures is exported: no empty stubs.
+  running and waiting, KV blocks in use and prefix-cache tokens per engine role (`both` in
+  one process; `prefill` and `decode` when split), and KV transfer failures. Only what the
+  backend measures is exported: no empty stubs, no zeros for fields it does not report.
 
 The registry is per app (not prometheus_client's global one) so tests and several apps in
 one process do not collide.
@@ -15,6 +16,7 @@ one process do not collide.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -33,6 +35,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.backend import EngineStats, GenerateDelta, RequestTimings, StatsSource
+
+log = logging.getLogger("tandem.gateway.metrics")
 
 ENDPOINTS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/live", "/metrics"}
@@ -203,17 +207,21 @@ class RequestTimer:
         self._ended = True
 
 
-_EngineValue = Callable[[EngineStats], float]
+_EngineValue = Callable[[EngineStats], float | None]
+
+
+def _usage(e: EngineStats) -> float | None:
+    if e.num_kv_blocks_used is None or not e.num_kv_blocks_total:
+        return None
+    return e.num_kv_blocks_used / e.num_kv_blocks_total
+
+
 _ENGINE_GAUGES: tuple[tuple[str, str, _EngineValue], ...] = (
     ("num_requests_running", "Requests in the running batch", lambda e: e.num_requests_running),
     ("num_requests_waiting", "Requests waiting to be scheduled", lambda e: e.num_requests_waiting),
     ("kv_blocks_used", "KV blocks held by requests (0 when idle)", lambda e: e.num_kv_blocks_used),
     ("kv_blocks_total", "KV blocks in the pool", lambda e: e.num_kv_blocks_total),
-    (
-        "kv_cache_usage_perc",
-        "Fraction of KV blocks in use, 0 to 1",
-        lambda e: e.num_kv_blocks_used / max(e.num_kv_blocks_total, 1),
-    ),
+    ("kv_cache_usage_perc", "Fraction of KV blocks in use, 0 to 1", _usage),
 )
 _ENGINE_COUNTERS: tuple[tuple[str, str, _EngineValue], ...] = (
     ("prefix_cache_queries", "Prompt tokens looked up", lambda e: e.num_prefix_cache_queries),
@@ -222,7 +230,12 @@ _ENGINE_COUNTERS: tuple[tuple[str, str, _EngineValue], ...] = (
 
 
 class BackendStatsCollector(Collector):
-    """Reads `stats()` of the watched backend at each scrape: per-role gauges and counters."""
+    """Reads `stats()` of the watched backend at each scrape: per-role gauges and counters.
+
+    A field an engine leaves None gets no sample for that role, and a metric no role
+    reports is not exported at all (no zeros standing in for "not measured"). A failing
+    `stats()` costs the scrape its backend metrics, never the whole /metrics.
+    """
 
     def __init__(self) -> None:
         self.source: StatsSource | None = None
@@ -233,17 +246,25 @@ class BackendStatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         if self.source is None:
             return
-        stats = self.source.stats()
+        try:
+            stats = self.source.stats()
+        except Exception:
+            log.exception("backend stats() failed; its metrics are left out of this scrape")
+            return
         families: list[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, _EngineValue]]
         families = [(GaugeMetricFamily, *g) for g in _ENGINE_GAUGES]
         families += [(CounterMetricFamily, *c) for c in _ENGINE_COUNTERS]
         for family_type, name, doc, value in families:
             family = family_type(f"tandem:{name}", doc, labels=["role"])
             for engine in stats.engines:
-                family.add_metric([engine.role], value(engine))
-            yield family
-        yield CounterMetricFamily(
-            "tandem:kv_transfer_failures",
-            "KV transfers from prefill to decode that failed",
-            value=stats.num_kv_transfer_failures,
-        )
+                v = value(engine)
+                if v is not None:
+                    family.add_metric([engine.role], v)
+            if family.samples:
+                yield family
+        if stats.num_kv_transfer_failures is not None:
+            yield CounterMetricFamily(
+                "tandem:kv_transfer_failures",
+                "KV transfers from prefill to decode that failed",
+                value=stats.num_kv_transfer_failures,
+            )

@@ -153,11 +153,17 @@ class DeltaMessage(ChatMessage):
         return _drop_none(handler(self), ("role", *_OPTIONAL_KEYS))
 
 
+StopReason = int | str | None
+"""vLLM's `stop_reason`: the stop string or stop token id (EOS included) that ended a
+choice; None when it ended otherwise (length, abort) or has not ended yet."""
+
+
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: StopReason = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -165,6 +171,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: StopReason = None
 
 
 def _now() -> int:
@@ -198,6 +205,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: StopReason = None
     prompt_token_ids: list[int] | None = None
     completion_token_ids: list[int] | None = None
 

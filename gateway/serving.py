@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import uuid
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from contextlib import aclosing
@@ -41,6 +42,8 @@ from gateway.protocol import (
     Usage,
 )
 
+log = logging.getLogger("tandem.gateway")
+
 MODEL_ALIASES = frozenset({"default", "null"})
 """Names accepted for the served model besides its own (FastDeploy's client sends "null")."""
 
@@ -50,19 +53,31 @@ class UpstreamBackend:
     DEADLINE_EXCEEDED past it, and the request is cancelled upstream), and every stream is
     timed for the metrics."""
 
-    def __init__(self, inner: Backend, metrics: GatewayMetrics, timeout_s: float | None) -> None:
+    def __init__(
+        self,
+        inner: Backend,
+        metrics: GatewayMetrics,
+        timeout_s: float | None,
+        health_timeout_s: float = 5.0,
+    ) -> None:
         self.inner = inner
         self.metrics = metrics
         self.timeout_s = timeout_s
+        self.health_timeout_s = health_timeout_s
         self.model_name = inner.model_name
         self.max_model_len = inner.max_model_len
 
     async def check_health(self) -> bool:
+        """The backend's own verdict, within `health_timeout_s`; a probe that hangs or
+        fails counts as unhealthy (503 / NOT_SERVING), never as an error."""
         try:
-            async with asyncio.timeout(self.timeout_s):
-                return await self.inner.check_health()
+            async with asyncio.timeout(self.health_timeout_s):
+                return bool(await self.inner.check_health())
         except TimeoutError:
-            return False  # a backend that cannot answer a probe in time is not healthy
+            return False
+        except Exception:
+            log.exception("the backend's health check failed")
+            return False
 
     async def encode_media(self, item: MediaItem) -> EncodedMedia:
         try:

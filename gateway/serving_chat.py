@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from chat.multimodal import expand_media
 from chat.reasoning import ReasoningStatus
 from chat.template import ChatTemplateError, MediaRef, media_refs
+from chat.text_stream import TextOptions
 from gateway.backend import EncodedMedia, GenerateRequest, MediaItem
 from gateway.errors import InvalidRequestError, TooManyMediaError
 from gateway.generation import (
     ChoiceDecoder,
     Run,
     TextDelta,
-    TextOptions,
     choice_requests,
     open_choices,
 )
@@ -174,7 +174,11 @@ class ChatService:
                 logprobs = chat_logprobs(self.ctx.tokenizer, d.token_ids, d.logprobs, top_n)
             choices.append(
                 ChatChoice(
-                    index=d.index, message=message, logprobs=logprobs, finish_reason=d.finish_reason
+                    index=d.index,
+                    message=message,
+                    logprobs=logprobs,
+                    finish_reason=d.finish_reason,
+                    stop_reason=d.stop_reason,
                 )
             )
         usage = usage_of(run.num_prompt_tokens, run.decoders)
@@ -230,7 +234,11 @@ class ChatService:
         if top_n is not None and td.logprobs:
             logprobs = chat_logprobs(self.ctx.tokenizer, td.token_ids, td.logprobs, top_n)
         return ChatChunkChoice(
-            index=td.index, delta=delta, logprobs=logprobs, finish_reason=td.finish_reason
+            index=td.index,
+            delta=delta,
+            logprobs=logprobs,
+            finish_reason=td.finish_reason,
+            stop_reason=td.stop_reason,
         )
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
+from chat.text_stream import TextOptions
 from gateway.backend import GenerateRequest
 from gateway.errors import InvalidRequestError
-from gateway.generation import ChoiceDecoder, Run, TextDelta, TextOptions, choice_requests
+from gateway.generation import ChoiceDecoder, Run, TextDelta, choice_requests
 from gateway.generation import open_choices as open_backend_choices
 from gateway.logprobs import completion_logprobs
 from gateway.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage
@@ -71,7 +72,12 @@ class CompletionService:
         await run.run_to_end()
         choices = []
         for d in run.decoders:
-            choice = CompletionChoice(index=d.index, text=d.content, finish_reason=d.finish_reason)
+            choice = CompletionChoice(
+                index=d.index,
+                text=d.content,
+                finish_reason=d.finish_reason,
+                stop_reason=d.stop_reason,
+            )
             if req.logprobs is not None:
                 choice.logprobs = completion_logprobs(
                     self.ctx.tokenizer, d.token_ids, d.logprobs, req.logprobs
@@ -101,7 +107,12 @@ class CompletionService:
         owes_tokens = td.token_ids and (req.return_token_ids or req.logprobs is not None)
         if not (td.content or td.finish_reason or owes_tokens):
             return None
-        choice = CompletionChoice(index=td.index, text=td.content, finish_reason=td.finish_reason)
+        choice = CompletionChoice(
+            index=td.index,
+            text=td.content,
+            finish_reason=td.finish_reason,
+            stop_reason=td.stop_reason,
+        )
         if req.logprobs is not None and td.logprobs:
             choice.logprobs = completion_logprobs(
                 self.ctx.tokenizer, td.token_ids, td.logprobs, req.logprobs

@@ -220,6 +220,34 @@ def test_stop_string_cuts_content(client: openai.OpenAI) -> None:
     assert r.choices[0].message.content == "The answer is "
 
 
+def test_stop_reason_names_what_ended_the_choice(http: httpx.Client, tokenizer: Tokenizer) -> None:
+    def choice(body: dict) -> dict:
+        return http.post("/v1/chat/completions", json={"messages": MESSAGES, **body}).json()[
+            "choices"
+        ][0]
+
+    assert choice({"stop": ["42"]})["stop_reason"] == "42"
+    eos = choice({})  # the script ends on </s>: a stop token
+    assert (eos["finish_reason"], eos["stop_reason"]) == ("stop", tokenizer.token_to_id("</s>"))
+    cut = choice({"max_tokens": 2})
+    assert (cut["finish_reason"], cut["stop_reason"]) == ("length", None)
+    text = http.post("/v1/completions", json={"prompt": "hi", "stop": "answer"}).json()
+    assert text["choices"][0]["stop_reason"] == "answer"
+
+
+def test_streamed_stop_reason_comes_with_the_finish(http: httpx.Client) -> None:
+    body = {"messages": MESSAGES, "stream": True, "stop": ["42"]}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        events = [
+            json.loads(line.removeprefix("data: "))
+            for line in r.iter_lines()
+            if line.startswith("data: {")
+        ]
+    choices = [c for e in events for c in e["choices"]]
+    assert [c["stop_reason"] for c in choices if c["finish_reason"]] == ["42"]
+    assert all(c["stop_reason"] is None for c in choices if not c["finish_reason"])
+
+
 def test_stop_string_cancels_backend_stream(client: openai.OpenAI, backend: FakeBackend) -> None:
     before = len(backend.closed)
     client.completions.create(model="null", prompt="hello", stop=["answer"], max_tokens=50)

@@ -125,6 +125,7 @@ def test_chat_streams_reasoning_then_answer_with_usage(stub, backend: FakeBacken
     assert "".join(d.text for d in deltas) == SCRIPT_ANSWER
     assert deltas[-1].finish_reason == common_pb2.FINISH_REASON_STOP
     assert all(d.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for d in deltas[:-1])
+    assert deltas[-1].stop_reason == str(deltas[-1].token_ids[-1])  # ended on </s>
     usage = deltas[-1].usage
     assert usage.prompt_tokens == len(backend.requests[-1].prompt_token_ids)
     assert usage.completion_tokens == sum(len(d.token_ids) for d in deltas)
@@ -158,6 +159,7 @@ def test_token_ids_and_sampling_reach_the_backend(stub, backend: FakeBackend) ->
     assert {r.request_id for r in replies} == {"mine-1"}
     assert replies[-1].delta.finish_reason == common_pb2.FINISH_REASON_LENGTH
     assert replies[-1].delta.usage.completion_tokens == 3
+    assert replies[-1].delta.stop_reason == ""  # cut by max_tokens: nothing stopped it
     first = replies[0].delta.logprobs[0].entries
     assert first[0].token_id == replies[0].delta.token_ids[0] and len(first) == 3
 
@@ -167,6 +169,8 @@ def test_prompt_with_stop_string(stub, backend: FakeBackend) -> None:
     replies = generate(stub, generation_pb2.GenerateRequest(prompt="Q:", sampling=sampling))
     assert "".join(r.delta.text for r in replies) == "The answer is "
     assert replies[-1].delta.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert replies[-1].delta.stop_reason == "42"
+    assert all(not r.delta.stop_reason for r in replies[:-1])
     assert backend.requests[-1].sampling.max_tokens is None  # unset = up to max_model_len
 
 
