@@ -7,6 +7,14 @@ deltas. Closing the stream cancels both calls, which frees the request on both s
 failed prefill cancels the decode stream; a dead decode surfaces as UNAVAILABLE within
 the channel's keepalive.
 
+Several prefill and decode instances: each request goes to the least loaded instance of
+each role (`_Pool`: fewest active requests by the last `Stats` snapshot or this backend's
+own calls in flight, whichever is more; ties in round-robin order). A decode that answers
+RESOURCE_EXHAUSTED (full) or UNAVAILABLE before reserving anything is skipped for the next
+one; when every decode refused, the request fails with `OverloadedError` (503 +
+Retry-After at the gateway). `refresh_stats` polls every instance (`tandem serve` calls it
+every 2 s) for the load and for `stats()`.
+
 Media: with a vision endpoint, `VisionEncoder.Encode` returns embeddings (the payload
 shipped to prefill); without one, media are preprocessed here (torch-free) and prefill
 runs the vision tower on the pixels. Torch-free: it runs inside the gateway.
@@ -55,10 +63,10 @@ _CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True)
 class GrpcBackendConfig:
-    prefill: str
-    """host:port of a Prefill service."""
-    decode: str
-    """host:port of a Decode service."""
+    prefill: tuple[str, ...]
+    """host:port of each Prefill service instance."""
+    decode: tuple[str, ...]
+    """host:port of each Decode service instance."""
     vision: str | None = None
     """host:port of a VisionEncoder; None = preprocess here, prefill encodes."""
     model_name: str = "tiny-ernie-vl"
@@ -67,6 +75,60 @@ class GrpcBackendConfig:
     prefill_timeout_s: float = 120.0
     mm_processor_kwargs: dict[str, Any] | None = None
 
+    def __post_init__(self) -> None:
+        for role in ("prefill", "decode"):
+            targets = getattr(self, role)
+            if not isinstance(targets, tuple) or not targets:
+                raise ValueError(f"{role}: a non-empty tuple of host:port, got {targets!r}")
+
+
+@dataclass
+class _Instance:
+    """One engine service instance as this backend sees it."""
+
+    target: str
+    channel: grpc.aio.Channel
+    stub: Any
+    num_in_flight: int = 0
+    """This backend's calls open on it now."""
+    last_stats: engine_pb2.EngineStats | None = None
+    """Its last `Stats` answer; None before the first or when the last one failed."""
+    reachable: bool = True
+
+    @property
+    def load(self) -> int:
+        reported = self.last_stats.num_requests if self.last_stats is not None else 0
+        return max(reported, self.num_in_flight)
+
+    async def refresh(self) -> None:
+        try:
+            self.last_stats = await self.stub.Stats(engine_pb2.StatsRequest(), timeout=2.0)
+            self.reachable = True
+        except grpc.aio.AioRpcError:
+            self.last_stats, self.reachable = None, False
+
+
+class _Pool:
+    """The instances of one role, ranked for each request: reachable ones first, then by
+    `load`; a stable sort over a rotating start breaks ties round-robin."""
+
+    def __init__(self, targets: tuple[str, ...], stub_cls: Any) -> None:
+        self.instances = []
+        for target in targets:
+            channel = grpc.aio.insecure_channel(target, _CHANNEL_OPTIONS)
+            self.instances.append(_Instance(target, channel, stub_cls(channel)))
+        self._turn = 0
+
+    def ranked(self) -> list[_Instance]:
+        n = len(self.instances)
+        start, self._turn = self._turn, (self._turn + 1) % n
+        rotated = [self.instances[(start + i) % n] for i in range(n)]
+        return sorted(rotated, key=lambda inst: (not inst.reachable, inst.load))
+
+    async def close(self) -> None:
+        for inst in self.instances:
+            await inst.channel.close()
+
 
 class GrpcBackend:
     def __init__(self, config: GrpcBackendConfig, media_tokens: MediaTokens) -> None:
@@ -74,17 +136,18 @@ class GrpcBackend:
         self.model_name = config.model_name
         self.max_model_len = config.max_model_len
         self._media_tokens = media_tokens
-        self._prefill_channel = grpc.aio.insecure_channel(config.prefill, _CHANNEL_OPTIONS)
-        self._decode_channel = grpc.aio.insecure_channel(config.decode, _CHANNEL_OPTIONS)
-        self.prefill = engine_pb2_grpc.PrefillStub(self._prefill_channel)
-        self.decode = engine_pb2_grpc.DecodeStub(self._decode_channel)
+        self._prefills = _Pool(config.prefill, engine_pb2_grpc.PrefillStub)
+        self._decodes = _Pool(config.decode, engine_pb2_grpc.DecodeStub)
+        self._vision_channel: grpc.aio.Channel | None = None
         self._vision: Any = None
         self._processor: Any = None
         self._stats = BackendStats(engines=())
 
     async def close(self) -> None:
-        await self._prefill_channel.close()
-        await self._decode_channel.close()
+        await self._prefills.close()
+        await self._decodes.close()
+        if self._vision_channel is not None:
+            await self._vision_channel.close()
 
     # -- media ----------------------------------------------------------------------------
 
@@ -114,8 +177,7 @@ class GrpcBackend:
         from tandem.v1 import vision_pb2, vision_pb2_grpc
 
         if self._vision is None:
-            channel = grpc.aio.insecure_channel(self.config.vision or "", _CHANNEL_OPTIONS)
-            self._vision = vision_pb2_grpc.VisionEncoderStub(channel)
+            self._vision = vision_pb2_grpc.VisionEncoderStub(self._vision_channel_open())
         data = vision_pb2.MediaData(
             kind=pb.KIND_IDS[item.kind],
             data=item.data,
@@ -162,32 +224,57 @@ class GrpcBackend:
 
     async def generate(self, req: GenerateRequest) -> AsyncGenerator[GenerateDelta, None]:
         prompt = self._prompt(req)
-        call = self.decode.Generate(
-            engine_pb2.DecodeRequest(
-                request_id=req.request_id,
-                prompt=prompt,
-                transfer_timeout_s=self.config.transfer_timeout_s,
-            )
-        )
+        decode, call, reserved = await self._reserve(req, prompt)
+        decode.num_in_flight += 1
         prefill: asyncio.Task[engine_pb2.PrefillResponse] | None = None
         finished = False
         try:
-            first = await _next(call, "decode")
-            if first is None or first.WhichOneof("event") != "reserved":
-                raise BackendUnavailableError("decode answered without a reservation")
-            prefill = asyncio.create_task(self._prefill(req, prompt, first.reserved))
+            prefill = asyncio.create_task(self._prefill(req, prompt, reserved))
             async for delta in self._deltas(call, prefill):
                 finished = delta.finished
                 yield delta
                 if finished:
                     return
         finally:
+            decode.num_in_flight -= 1
             call.cancel()  # a no-op once finished; frees the request on decode otherwise
             # Decode may finish before prefill's answer arrives: let that one complete.
             if prefill is not None and not prefill.done() and not finished:
                 prefill.cancel()
             if prefill is not None:
                 prefill.add_done_callback(_consume)
+
+    async def _reserve(
+        self, req: GenerateRequest, prompt: engine_pb2.EnginePrompt
+    ) -> tuple[_Instance, Any, engine_pb2.Reservation]:
+        """Open `Decode.Generate` on the least loaded decode that has room for `req`."""
+        request = engine_pb2.DecodeRequest(
+            request_id=req.request_id,
+            prompt=prompt,
+            transfer_timeout_s=self.config.transfer_timeout_s,
+        )
+        refusals: list[grpc.aio.AioRpcError] = []
+        for decode in self._decodes.ranked():
+            call = decode.stub.Generate(request)
+            try:
+                first = await call.read()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _TRY_NEXT_DECODE:
+                    raise _gateway_error(exc, "decode") from exc
+                refusals.append(exc)
+                continue
+            except BaseException:  # cancelled while waiting: drop the reservation
+                call.cancel()
+                raise
+            if first is grpc.aio.EOF or first.WhichOneof("event") != "reserved":
+                call.cancel()
+                raise BackendUnavailableError("decode answered without a reservation")
+            return decode, call, first.reserved
+        why = "; ".join(f"{e.code().name}: {e.details()}" for e in refusals)
+        n = len(refusals)
+        if any(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refusals):
+            raise OverloadedError(f"every decode instance ({n}) is at capacity ({why})")
+        raise BackendUnavailableError(f"no decode instance ({n}) is reachable ({why})")
 
     async def _prefill(
         self, req: GenerateRequest, prompt: engine_pb2.EnginePrompt, r: engine_pb2.Reservation
@@ -196,10 +283,14 @@ class GrpcBackend:
         request = engine_pb2.PrefillRequest(
             request_id=req.request_id, prompt=prompt, embeddings=embeddings, reservation=r
         )
+        prefill = self._prefills.ranked()[0]
+        prefill.num_in_flight += 1
         try:
-            return await self.prefill.Prefill(request, timeout=self.config.prefill_timeout_s)
+            return await prefill.stub.Prefill(request, timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _gateway_error(exc, "prefill") from exc
+        finally:
+            prefill.num_in_flight -= 1
 
     async def _deltas(
         self, call: Any, prefill: asyncio.Task[engine_pb2.PrefillResponse]
@@ -224,50 +315,76 @@ class GrpcBackend:
             yield _delta(msg.delta)
 
     async def check_health(self) -> bool:
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        """True while every service (vision if configured, each prefill and decode
+        instance) answers its gRPC health check SERVING."""
+        channels = [inst.channel for inst in (*self._prefills.instances, *self._decodes.instances)]
+        if self.config.vision is not None:
+            channels.append(self._vision_channel_open())
+        return all(await asyncio.gather(*(_serving(ch) for ch in channels)))
 
-        try:
-            for channel in (self._prefill_channel, self._decode_channel):
-                reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2.0
-                )
-                if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                    return False
-        except grpc.aio.AioRpcError:
-            return False
-        return True
-
-    async def engine_stats(self) -> dict[str, engine_pb2.EngineStats]:
-        """Both engines' snapshots (admin RPC `Stats`)."""
-        request = engine_pb2.StatsRequest()
+    async def engine_stats(self) -> dict[str, list[engine_pb2.EngineStats | None]]:
+        """Every instance's `Stats` snapshot by role (None: it did not answer)."""
+        await self.refresh_stats()
         return {
-            "prefill": await self.prefill.Stats(request, timeout=5.0),
-            "decode": await self.decode.Stats(request, timeout=5.0),
+            "prefill": [inst.last_stats for inst in self._prefills.instances],
+            "decode": [inst.last_stats for inst in self._decodes.instances],
         }
 
     async def refresh_stats(self) -> None:
-        """Cache a `BackendStats` for `stats()` (call periodically)."""
-        try:
-            got = await self.engine_stats()
-        except grpc.aio.AioRpcError:
-            return
-        engines = tuple(
-            EngineStats(
-                role=role,  # type: ignore[arg-type]
-                num_requests_running=s.num_requests,
-                num_requests_waiting=0,
-                num_kv_blocks_used=s.num_used_blocks,
-                num_kv_blocks_total=s.num_used_blocks + s.num_free_blocks,
-                num_prefix_cache_queries=0,
-                num_prefix_cache_hits=0,
-            )
-            for role, s in got.items()
-        )
-        failures = sum(s.num_transfer_failures for s in got.values())
-        self._stats = BackendStats(engines=engines, num_kv_transfer_failures=failures)
+        """Poll every instance's `Stats` (the load for routing) and cache a `BackendStats`
+        for `stats()` (call periodically)."""
+        instances = [*self._prefills.instances, *self._decodes.instances]
+        await asyncio.gather(*(inst.refresh() for inst in instances))
+        self._stats = _backend_stats(self._prefills, self._decodes)
 
     def stats(self) -> BackendStats:
         return self._stats
+
+    def _vision_channel_open(self) -> grpc.aio.Channel:
+        if self._vision_channel is None:
+            target = self.config.vision or ""
+            self._vision_channel = grpc.aio.insecure_channel(target, _CHANNEL_OPTIONS)
+        return self._vision_channel
+
+
+_TRY_NEXT_DECODE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+
+
+async def _serving(channel: grpc.aio.Channel) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=2.0
+        )
+    except grpc.aio.AioRpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _backend_stats(prefills: _Pool, decodes: _Pool) -> BackendStats:
+    """Per role, the sum over the instances that answered; a role none answered for is
+    left out (nothing measured). Transfer failures are decode's count: every transfer ends
+    at a decode reservation, and a prefill that cannot send shows there as a timeout."""
+    engines = []
+    for role, pool in (("prefill", prefills), ("decode", decodes)):
+        got = [inst.last_stats for inst in pool.instances if inst.last_stats is not None]
+        if not got:
+            continue
+        engines.append(
+            EngineStats(
+                role=role,  # type: ignore[arg-type]
+                num_requests_running=sum(s.num_requests_running for s in got),
+                num_requests_waiting=sum(s.num_requests_waiting for s in got),
+                num_kv_blocks_used=sum(s.num_used_blocks for s in got),
+                num_kv_blocks_total=sum(s.num_used_blocks + s.num_free_blocks for s in got),
+                num_prefix_cache_queries=sum(s.num_prefix_cache_queries for s in got),
+                num_prefix_cache_hits=sum(s.num_prefix_cache_hits for s in got),
+            )
+        )
+    answered = [inst.last_stats for inst in decodes.instances if inst.last_stats is not None]
+    failures = sum(s.num_transfer_failures for s in answered) if answered else None
+    return BackendStats(engines=tuple(engines), num_kv_transfer_failures=failures)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

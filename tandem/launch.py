@@ -48,6 +48,7 @@ def engine_args(args: argparse.Namespace, device: str, dtype: str) -> EngineArgs
         max_num_batched_tokens=getattr(args, "max_num_batched_tokens", 2048),
         block_size=getattr(args, "block_size", 16),
         num_kv_blocks=getattr(args, "num_kv_blocks", None),
+        quantization=args.quantization,
     )
 
 
@@ -150,6 +151,8 @@ def _engine_flags(args: argparse.Namespace, device: str, dtype: str) -> list[str
     flags = [*_common_flags(args, device, dtype), "--max-num-seqs", str(args.max_num_seqs)]
     if args.max_model_len:
         flags += ["--max-model-len", str(args.max_model_len)]
+    if args.quantization:
+        flags += ["--quantization", args.quantization]
     return flags
 
 
@@ -195,8 +198,8 @@ def serve_disaggregated(
             cfg = ModelConfig.from_dir(model_path)
             limit = cfg.text.max_position_embeddings
             config = GrpcBackendConfig(
-                prefill=targets["prefill"],
-                decode=targets["decode"],
+                prefill=(targets["prefill"],),
+                decode=(targets["decode"],),
                 vision=targets.get("vision"),
                 model_name=args.model,
                 max_model_len=min(args.max_model_len or limit, limit),

@@ -4,7 +4,9 @@ Decode owns the destination blocks. For each request it reserves blocks, registe
 one-time token with its `KVReceiver` (`expect`) and hands prefill a `KVReservation`
 (the pb `tandem.v1.Reservation`). Prefill's `KVSender` pushes, right after each layer's KV
 is written (`ModelRunner.run(seqs, after_layer=...)`), the blocks decode lacks
-(`block_ids[num_cached_blocks:]`), then `finish` hands over the first sampled token. Both
+(`block_ids[num_cached_blocks:]`), then `finish` hands over the first sampled token. With
+chunked prefill the source block table grows chunk by chunk (`begin`, then `extend`), and
+each chunk's blocks leave right after each of its layers, not with the last chunk. Both
 sides are driven by `poll()`: a small state machine that never blocks and returns
 `TransferEvent`s, so a service loop can free blocks on either side when a transfer ends.
 
@@ -179,20 +181,31 @@ class KVSender(ABC):
 
     @abstractmethod
     def begin(
-        self, request_id: str, reservation: KVReservation, src_block_ids: Sequence[int]
+        self, request_id: str, reservation: KVReservation, src_block_ids: Sequence[int] = ()
     ) -> None:
-        """Register a request: `src_block_ids` are prefill's blocks for the whole prompt.
+        """Register a request with prefill's block table so far (`extend` grows it).
 
-        `src_block_ids[i]` maps to `reservation.block_ids[i]`; both lists cover the prompt,
-        so they have the same length. Raises ValueError on a mismatch.
+        `src_block_ids[i]` maps to `reservation.block_ids[i]`: the table covers the first
+        `len(src_block_ids)` blocks of the prompt, at most all of them. Raises ValueError
+        when it is longer than the reservation.
+        """
+
+    @abstractmethod
+    def extend(self, request_id: str, src_block_ids: Sequence[int]) -> None:
+        """Replace the request's source block table by a longer (or another) one.
+
+        Chunked prefill allocates blocks chunk by chunk; pass the table before sending a
+        chunk's layers. Blocks already sent are never read again, so after a preemption the
+        table may name other blocks. No-op for an unknown (failed, aborted) request.
         """
 
     @abstractmethod
     def send_layer(self, request_id: str, layer: int, blocks: range | None = None) -> None:
         """Queue layer `layer`'s KV of the blocks decode lacks.
 
-        `blocks` are prompt block positions (default: all of them); positions below
-        `num_cached_blocks` are skipped, so with chunked prefill pass the chunk's blocks.
+        `blocks` are prompt block positions (default: every position the source table
+        covers); positions below `num_cached_blocks` are skipped, so with chunked prefill
+        pass the chunk's blocks. Raises ValueError for a position the table does not cover.
         A failure (queue full for too long) surfaces as a FAILED event from `poll`.
         """
 

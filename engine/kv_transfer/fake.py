@@ -55,9 +55,12 @@ class FakeKVSender(KVSender):
         self.num_failures = 0
 
     def begin(
-        self, request_id: str, reservation: KVReservation, src_block_ids: Sequence[int]
+        self, request_id: str, reservation: KVReservation, src_block_ids: Sequence[int] = ()
     ) -> None:
         self._outbox.begin(request_id, reservation, src_block_ids)
+
+    def extend(self, request_id: str, src_block_ids: Sequence[int]) -> None:
+        self._outbox.extend(request_id, src_block_ids)
 
     def send_layer(self, request_id: str, layer: int, blocks: range | None = None) -> None:
         msg = self._outbox.layer(request_id, layer, blocks)

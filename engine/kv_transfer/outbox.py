@@ -66,14 +66,18 @@ class Outbox:
     def begin(self, request_id: str, res: KVReservation, src_block_ids: Sequence[int]) -> None:
         if request_id in self._live:
             raise ValueError(f"{request_id}: already sending")
-        if len(src_block_ids) != len(res.block_ids):
-            raise ValueError(
-                f"{request_id}: {len(src_block_ids)} source blocks for "
-                f"{len(res.block_ids)} reserved"
-            )
         if res.block_size != self.block_size:
             raise ValueError(f"block size {res.block_size} != cache's {self.block_size}")
+        _check_table(request_id, src_block_ids, res)
         self._live[request_id] = _Outbound(res, [int(b) for b in src_block_ids])
+
+    def extend(self, request_id: str, src_block_ids: Sequence[int]) -> None:
+        """Replace the source block table (it grows with each prefill chunk)."""
+        out = self._live.get(request_id)
+        if out is None:
+            return
+        _check_table(request_id, src_block_ids, out.reservation)
+        out.src_ids = [int(b) for b in src_block_ids]
 
     def is_live(self, request_id: str) -> bool:
         return request_id in self._live
@@ -85,10 +89,15 @@ class Outbox:
         if out is None:
             return None
         res = out.reservation
-        wanted = range(len(res.block_ids)) if blocks is None else blocks
+        wanted = range(len(out.src_ids)) if blocks is None else blocks
         positions = [p for p in wanted if res.num_cached_blocks <= p < len(res.block_ids)]
         if not positions:
             return None
+        if max(positions) >= len(out.src_ids):
+            raise ValueError(
+                f"{request_id}: block positions {blocks} beyond the {len(out.src_ids)} "
+                "source blocks known (call extend first)"
+            )
         k_cache, v_cache = self.kv_caches[layer]
         src = torch.tensor([out.src_ids[p] for p in positions], device=k_cache.device)
         header = LayerHeader(
@@ -126,6 +135,13 @@ class Outbox:
             return None
         header = AbortHeader(request_id, out.reservation.token, reason)
         return Outgoing(request_id, out.reservation.endpoint, encode_header(header), last=True)
+
+
+def _check_table(request_id: str, src_block_ids: Sequence[int], res: KVReservation) -> None:
+    if len(src_block_ids) > len(res.block_ids):
+        raise ValueError(
+            f"{request_id}: {len(src_block_ids)} source blocks for {len(res.block_ids)} reserved"
+        )
 
 
 def host_frames(msg: Outgoing, stream: Any = None) -> list[Any]:

@@ -2,7 +2,8 @@
 
 `reserve` comes first, before any prefill work: the request's blocks for the whole prompt
 are taken at once (query/commit through `KVCacheManager`, so a full pool refuses at once
-and changes nothing), decode's own prefix-cache hits are counted (`num_cached_blocks`:
+and changes nothing; so does a decode already holding `max_num_seqs` requests, reserved
+ones included), decode's own prefix-cache hits are counted (`num_cached_blocks`:
 prefill sends only the rest), and the `KVReceiver` gets a one-time reservation with a
 deadline. When the receiver reports DONE (every lacking block of every layer plus the
 first token), the prompt's blocks join the prefix cache and the request joins the running
@@ -77,6 +78,11 @@ class DecodeRole:
         engine = self.engine
         if request_id in self._sinks or request_id in engine.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        if self.num_requests >= engine.args.max_num_seqs:
+            raise NoCapacityError(
+                f"decode holds {self.num_requests} requests (max_num_seqs "
+                f"{engine.args.max_num_seqs})"
+            )
         inputs = [
             MediaInput(m.kind, torch.empty(0), m.grid, content_hash=m.content_hash) for m in media
         ]
@@ -159,14 +165,28 @@ class DecodeRole:
         for request_id in list(self._sinks):
             self._fail(request_id, exc)
 
+    @property
+    def num_requests(self) -> int:
+        """Requests counting toward `max_num_seqs`: reserved (KV on its way), running, and
+        preempted ones waiting to be recomputed."""
+        return len(self._waiting) + self.engine.scheduler.num_unfinished
+
     def stats(self) -> dict[str, int]:
+        """pb `EngineStats` fields: what this role holds now, and its counters."""
+        engine, receiver = self.engine, self.receiver
         return {
-            "num_used_blocks": self.engine.num_used_blocks,
-            "num_free_blocks": self.engine.kv.num_free_blocks,
+            "num_used_blocks": engine.num_used_blocks,
+            "num_free_blocks": engine.kv.num_free_blocks,
             "num_requests": len(self._sinks),
-            "kv_bytes": int(self.receiver.bytes_received),
-            "num_frames_rejected": int(self.receiver.num_frames_rejected),
-            "num_transfer_failures": int(self.receiver.num_transfers_failed),
+            "num_requests_running": len(engine.scheduler.running),
+            "num_requests_waiting": len(self._waiting) + len(engine.scheduler.waiting),
+            "num_prefix_cache_queries": engine.kv.prefix_cache_queries,
+            "num_prefix_cache_hits": engine.kv.prefix_cache_hits,
+            "max_num_seqs": engine.args.max_num_seqs,
+            "kv_bytes": int(receiver.bytes_received),
+            "num_frames_rejected": int(receiver.num_frames_rejected),
+            "num_transfers_done": int(receiver.num_transfers_done),
+            "num_transfer_failures": int(receiver.num_transfers_failed),
         }
 
     # -- internals ------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 A prefill request is an ordinary engine request capped at one output token: it gets the
 prefix cache, chunked prefill and continuous batching for free. What the role adds is the
-KV hand-off. In the step that computes a request's last prompt chunk the role registers it
-with the `KVSender` (its whole block table is known from then on) and, after each layer,
-queues that layer's blocks decode lacks (`send_layer`); earlier chunks' KV is already in
-the cache, so it leaves with the same layer. Then the first token is sampled and sent with
+KV hand-off, layer by layer and chunk by chunk: in each step that computes a chunk of a
+request's prompt, the role gives the `KVSender` the request's block table so far (`begin`,
+then `extend`) and, after each layer, queues that layer's blocks the chunk completed
+(`send_layer`; the first chunk also carries the blocks prefill's prefix cache supplied, the
+last one the partial tail block; blocks decode holds are skipped by the sender). Transfer
+thus overlaps the remaining chunks' compute. Then the first token is sampled and sent with
 `finish`; the engine frees the request's blocks in the same step (the sender staged every
 block it needs). The caller's answer waits for the sender's DONE (every frame on the wire)
 or fails on FAILED / the deadline; any failure aborts the request on this side and tells
@@ -21,7 +23,7 @@ from engine.kv_transfer.base import KVReservation, KVSender, TransferError
 from engine.llm_engine import LLMEngine, RequestError
 from engine.model_runner import ModelRunner
 from engine.multimodal import MediaInput
-from engine.request import RequestOutput
+from engine.request import Request, RequestOutput
 from engine.roles.errors import TransferFailedError, TransferTimeoutError
 from engine.roles.loop import Sink
 from engine.sampling_params import SamplingParams
@@ -43,6 +45,10 @@ class _Job:
     sink: Sink
     deadline: float
     begun: bool = False
+    num_sent_blocks: int = 0
+    """Leading prompt blocks whose layers are queued (or that decode holds)."""
+    chunk: range = range(0)
+    """Prompt block positions the current step sends after each layer."""
     result: PrefillResult | None = None
 
 
@@ -51,6 +57,7 @@ class PrefillRole:
         self.engine = engine
         self.sender = sender
         self._jobs: dict[str, _Job] = {}
+        self.num_transfers_done = 0
         self._bytes_per_block = ModelRunner.kv_bytes_per_block(
             engine.model_config, engine.args.block_size, engine.dtype
         )
@@ -108,6 +115,7 @@ class PrefillRole:
             if job is None:
                 continue
             if event.ok and job.result is not None:
+                self.num_transfers_done += 1
                 job.sink.put(job.result)
                 continue
             self.engine.abort(event.request_id)
@@ -143,13 +151,30 @@ class PrefillRole:
     def _after_layer(self, plan: ScheduledStep, layer: int) -> None:
         for req, n in zip(plan.requests, plan.num_tokens, strict=True):
             job = self._jobs.get(req.request_id)
-            if job is None or req.num_computed_tokens + n < req.num_prompt_tokens:
-                continue  # not the last prompt chunk yet: its KV leaves with the last one
-            if not job.begun:
-                src = self.engine.kv.block_ids(req.request_id)
-                self.sender.begin(req.request_id, job.reservation, src)
-                job.begun = True
-            self.sender.send_layer(req.request_id, layer)
+            if job is None:
+                continue
+            if layer == 0:
+                job.chunk = self._next_chunk(req, job, req.num_computed_tokens + n)
+            if job.chunk:
+                self.sender.send_layer(req.request_id, layer, job.chunk)
+
+    def _next_chunk(self, req: Request, job: _Job, end: int) -> range:
+        """The blocks complete once this step computed the prompt up to token `end` (the
+        partial tail block too on the last chunk), less those already sent; the sender
+        gets the block table that covers them."""
+        if end >= req.num_prompt_tokens:
+            upto = len(job.reservation.block_ids)
+        else:
+            upto = end // self.engine.args.block_size
+        src = self.engine.kv.block_ids(req.request_id)[:upto]
+        if job.begun:
+            self.sender.extend(req.request_id, src)
+        else:
+            self.sender.begin(req.request_id, job.reservation, src)
+            job.begun = True
+        chunk = range(job.num_sent_blocks, upto)
+        job.num_sent_blocks = max(job.num_sent_blocks, upto)
+        return chunk
 
     def _hand_over(self, out: RequestOutput) -> None:
         job = self._jobs.get(out.request_id)
@@ -170,10 +195,18 @@ class PrefillRole:
         )
 
     def stats(self) -> dict[str, int]:
+        """pb `EngineStats` fields: what this role holds now, and its counters."""
+        engine = self.engine
         return {
-            "num_used_blocks": self.engine.num_used_blocks,
-            "num_free_blocks": self.engine.kv.num_free_blocks,
+            "num_used_blocks": engine.num_used_blocks,
+            "num_free_blocks": engine.kv.num_free_blocks,
             "num_requests": len(self._jobs),
+            "num_requests_running": len(engine.scheduler.running),
+            "num_requests_waiting": len(engine.scheduler.waiting),
+            "num_prefix_cache_queries": engine.kv.prefix_cache_queries,
+            "num_prefix_cache_hits": engine.kv.prefix_cache_hits,
+            "max_num_seqs": engine.args.max_num_seqs,
             "kv_bytes": int(self.sender.bytes_sent),
+            "num_transfers_done": self.num_transfers_done,
             "num_transfer_failures": int(self.sender.num_failures),
         }

@@ -259,6 +259,26 @@ def test_chunked_prefill_sends_blocks_per_chunk(pair: Pair) -> None:
     assert_copied(pair)
 
 
+def test_growing_source_table_sends_each_chunk_as_it_comes(pair: Pair) -> None:
+    """Chunked prefill: the block table grows chunk by chunk and each chunk leaves at once."""
+    res = pair.rx.expect("r1", new_transfer_token(), DST, CACHED, deadline_s=WAIT_S)
+    pair.tx.begin("r1", res, SRC[:3])  # first chunk: blocks 0-2 allocated
+    with pytest.raises(ValueError, match="extend"):
+        pair.tx.send_layer("r1", 0, range(0, 4))  # block 3 has no source yet
+    for i in range(L):
+        pair.tx.send_layer("r1", i, range(0, 3))
+    chunk_bytes = L * 2 * 1 * BLOCK_BYTES  # decode lacks only block 2 of them
+    wait_until(lambda: pair.rx.bytes_received == chunk_bytes)
+    pair.tx.extend("r1", SRC)  # last chunk
+    for i in range(L):
+        pair.tx.send_layer("r1", i, range(3, 6))
+    pair.tx.finish("r1", 1, {})
+    assert wait_events(pair.rx)[0].ok
+    assert_copied(pair)
+    with pytest.raises(ValueError):
+        pair.tx.begin("r2", res, [*SRC, 1])  # longer than the reservation
+
+
 def test_many_requests_interleaved(pair: Pair) -> None:
     blocks = [[0, 1, 2], [5, 6, 7], [12, 13, 14]]
     for r, ids in enumerate(blocks):

@@ -88,7 +88,7 @@ class EnginePair:
             svc.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EnginePair]:
     """Prefill (small step budget: a long prompt takes many steps) and decode."""
     tmp = tmp_path_factory.mktemp("svc")

@@ -55,8 +55,8 @@ def reference() -> Callable[[list[int], int], list[int]]:
 
 def make_backend(pair: EnginePair, **kw: Any) -> GrpcBackend:
     tokens = MediaTokens.from_tokenizer(Tokenizer.from_dir(resolve_model_path("tiny-ernie-vl")))
-    config = GrpcBackendConfig(pair.prefill.target, pair.decode.target, max_model_len=1024, **kw)
-    return GrpcBackend(config, tokens)
+    targets = {"prefill": (pair.prefill.target,), "decode": (pair.decode.target,)}
+    return GrpcBackend(GrpcBackendConfig(**{**targets, "max_model_len": 1024, **kw}), tokens)
 
 
 async def collect(backend: GrpcBackend, req: GenerateRequest) -> list[GenerateDelta]:

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from tandem.v1 import engine_pb2, engine_pb2_grpc
 from tests.services.conftest import ROOT, free_port
 
 
@@ -115,6 +116,55 @@ def test_every_service_is_healthy(servers: tuple[Serve, Serve]) -> None:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+
+
+def _blocks_in_use(serve: Serve) -> dict[str, int]:
+    """Each engine's KV blocks in use, from its `Stats` RPC."""
+    got = {}
+    for role, stub_cls in (
+        ("prefill", engine_pb2_grpc.PrefillStub),
+        ("decode", engine_pb2_grpc.DecodeStub),
+    ):
+        with grpc.insecure_channel(f"127.0.0.1:{serve.grpc_ports[role]}") as ch:
+            got[role] = stub_cls(ch).Stats(engine_pb2.StatsRequest(), timeout=5).num_used_blocks
+    return got
+
+
+def _metric_blocks_in_use(serve: Serve) -> dict[str, float]:
+    """The same from the gateway's /metrics (refreshed every 2 s)."""
+    text = httpx.get(f"http://127.0.0.1:{serve.port}/metrics", timeout=5).text
+    got = {}
+    for line in text.splitlines():
+        for role in ("prefill", "decode"):
+            if line.startswith(f'tandem:kv_blocks_used{{role="{role}"}}'):
+                got[role] = float(line.split()[-1])
+    return got
+
+
+def test_client_disconnect_mid_stream_frees_both_engines(servers: tuple[Serve, Serve]) -> None:
+    disagg, _ = servers
+    body = {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 600,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    url = f"http://127.0.0.1:{disagg.port}/v1/chat/completions"
+    with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        for _ in range(6):  # a few chunks in: decode is streaming
+            next(lines)
+        assert _blocks_in_use(disagg)["decode"] > 0
+    # the client went away: both engines free every block within a few seconds
+    deadline = time.monotonic() + 5
+    while (held := _blocks_in_use(disagg)) != {"prefill": 0, "decode": 0}:
+        assert time.monotonic() < deadline, f"blocks still in use: {held}"
+        time.sleep(0.1)
+    deadline = time.monotonic() + 6  # /metrics lags by up to one stats refresh
+    while (shown := _metric_blocks_in_use(disagg)) != {"prefill": 0.0, "decode": 0.0}:
+        assert time.monotonic() < deadline, f"/metrics still shows {shown}"
+        time.sleep(0.2)
 
 
 def test_sigterm_stops_every_child(servers: tuple[Serve, Serve]) -> None:
