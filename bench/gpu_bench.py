@@ -624,6 +624,7 @@ def run_tandem(
     shapes: dict[str, Any],
     tiny: bool,
     profile: bool = False,
+    prefill_ab: bool = False,
 ) -> dict[str, Any]:
     log("== Tandem: building the text model on the device (random weights)")
     t0 = time.perf_counter()
@@ -716,6 +717,16 @@ def run_tandem(
                 "limit_ms": limit_ms,
                 "tokens": tokens,
             }
+    if prefill_ab:  # the same prefill step with the Triton MoE GEMMs instead of grouped_mm
+        import kernels.triton_impl.moe_grouped as grouped
+
+        name, seqs, tokens, limit_ms = cases[-1]
+        keep, grouped.GROUPED_MIN_ROWS = grouped.GROUPED_MIN_ROWS, 0
+        t = bench(lambda s=seqs: runner.run(s), dev, 2, 3 if tiny else 10)
+        grouped.GROUPED_MIN_ROWS = keep
+        t.update(tokens=tokens, limit_ms=limit_ms, tok_s=tokens / (t["median_ms"] * 1e-3))
+        res[name + " [triton moe]"] = t
+        log(f"  {name + ' [triton moe]':22s} {t['median_ms']:9.2f} ms  {t['tok_s']:10.0f} tok/s")
     if dev.type == "cuda" and profile:
         profile_step(runner, cases[0][1], cases[0][0])  # decode b1, eager
         profile_step(runner, cases[-1][1], cases[-1][0])  # prefill
@@ -974,6 +985,7 @@ def main() -> int:
     ap.add_argument("--moe-sweep", action="store_true", help="time fused_moe tile configs")
     ap.add_argument("--attention-sweep", action="store_true", help="time decode attention tiles")
     ap.add_argument("--skip-kernel-checks", action="store_true")
+    ap.add_argument("--prefill-ab", action="store_true", help="prefill again with Triton MoE")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -1037,7 +1049,9 @@ def main() -> int:
         FAILURES.append(f"kernel checks crashed: {type(e).__name__}: {e}")
     cfg_dict = hf_config_dict(args.tiny)
     cfg = ModelConfig.from_dict(cfg_dict)
-    RESULTS["tandem"] = run_tandem(cfg, dev, dtype, shapes, args.tiny, args.profile)
+    RESULTS["tandem"] = run_tandem(
+        cfg, dev, dtype, shapes, args.tiny, args.profile, args.prefill_ab
+    )
     free(dev)
     log(f"[{time.perf_counter() - t_start:.0f} s elapsed]")
     if args.no_hf:

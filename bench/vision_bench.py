@@ -241,9 +241,16 @@ def encoder_bench(args: argparse.Namespace) -> None:
         f"resampler {flops['resampler'] / 1e12:.3f}); {args.dtype} matmul peak {peak:.1f} TFLOP/s"
     )
     one = torch.from_numpy(processed.pixel_values).to(dev)
+    small = MediaProcessor().process_image(make_jpeg(side * 3 // 4, side * 3 // 4, 1))
+    two = torch.from_numpy(small.pixel_values).to(dev)
     rows, checks = [], {}
-    for batch in args.batch:
-        pixels, grids = one.repeat(batch, 1), [grid] * batch
+    cases: list[tuple[Any, list, Any]] = [(b, [grid] * b, one.repeat(b, 1)) for b in args.batch]
+    # mixed sizes: alternating full and 3/4-side images, so the frames form 8 runs
+    mix = [(grid, one) if i % 2 == 0 else (small.grid_thw, two) for i in range(8)]
+    cases.append(("8 mixed", [g for g, _ in mix], torch.cat([p for _, p in mix])))
+    import engine.models.ernie45_vision as ev
+
+    for batch, grids, pixels in cases:
         grid_t = torch.tensor(grids, device=dev)
 
         def run_ours(pixels: torch.Tensor = pixels, grids: list = grids) -> torch.Tensor:
@@ -253,19 +260,34 @@ def encoder_bench(args: argparse.Namespace) -> None:
             feats = tower(pixels.to(dtype), grid_t).last_hidden_state
             return resampler(feats, grid_t)
 
-        with torch.inference_mode():
-            got, want = run_ours(), run_hf()
-            err = ((got.float() - want.float()).norm() / want.float().norm()).item()
-            checks[batch] = err
-            t_ours = bench(run_ours, dev, 3, args.iters)["median_ms"]
-            t_hf = bench(run_hf, dev, 3, args.iters)["median_ms"]
-        sync(dev)
-        rows.append((batch, t_ours, t_hf))
+        paths = ("varlen", "runs") if isinstance(batch, str) else ("varlen",)
+        for path in paths:
+            ev.ATTENTION_PATH = path
+            key = f"{batch} [{path}]" if len(paths) > 1 else batch
+            with torch.inference_mode():
+                got, want = run_ours(), run_hf()
+                err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                checks[key] = err
+                t_ours = bench(run_ours, dev, 3, args.iters)["median_ms"]
+                t_hf = bench(run_hf, dev, 3, args.iters)["median_ms"] if path == "varlen" else 0
+            sync(dev)
+            rows.append((key, t_ours, t_hf))
+        ev.ATTENTION_PATH = "varlen"
+        if args.profile and batch == max(args.batch) and dev.type == "cuda":
+            from torch.profiler import ProfilerActivity, profile
+
+            with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    run_ours()
+                torch.cuda.synchronize()
+            log(prof.key_averages().table(sort_by="self_device_time_total", row_limit=14))
     limit_ms = flops["total"] / (peak * 1e12) * 1e3
     log("\n| batch | Tandem img/s | HF img/s | limit img/s | Tandem/limit | Tandem/HF | rel err |")
     log("|---|---|---|---|---|---|---|")
     for batch, t_ours, t_hf in rows:
-        ips, hps, lps = batch / t_ours * 1e3, batch / t_hf * 1e3, 1e3 / limit_ms
+        n_img = int(str(batch).split()[0])
+        ips, lps = n_img / t_ours * 1e3, 1e3 / limit_ms
+        hps = n_img / t_hf * 1e3 if t_hf else float("nan")
         log(
             f"| {batch} | {ips:.1f} ({t_ours:.2f} ms) | {hps:.1f} ({t_hf:.2f} ms) | {lps:.1f} "
             f"| {ips / lps:.2f} | {ips / hps:.2f}x | {checks[batch]:.1e} |"
@@ -311,6 +333,7 @@ def main() -> int:
     p.add_argument("--image-px", type=int, default=448, help="encoder image side (448)")
     p.add_argument("--batch", type=_ints, default=[1, 8], help="encoder images per forward")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--profile", action="store_true", help="encoder: kernel table at max batch")
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--image-size", type=_size, default=(1280, 720))
     p.add_argument("--videos", type=int, default=4)

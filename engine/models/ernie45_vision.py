@@ -9,6 +9,9 @@ frame and never crosses frames or images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,12 +20,68 @@ from engine.config import TextConfig, VisionConfig
 from engine.layers.linear import Linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import VisionRotary
+from kernels.vision import quick_gelu, vision_rotary_qk
 
 Grid = tuple[int, int, int]  # (t, h, w) in patches
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
+@dataclass(frozen=True)
+class Frames:
+    """Where the frames sit in the patch rows: attention is block-diagonal over them.
+
+    `runs`: (first row, frames, patches per frame) of each run of consecutive equal-sized
+    frames (a batch of same-size images is one run); `cu_seqlens [F+1]` int32 row offsets and
+    `max_len` for the varlen flash path (CUDA)."""
+
+    runs: tuple[tuple[int, int, int], ...]
+    cu_seqlens: torch.Tensor
+    max_len: int
+
+    @staticmethod
+    def of(frame_lens: list[int], device: torch.device) -> Frames:
+        runs: list[list[int]] = []
+        start = 0
+        for n in frame_lens:
+            if runs and runs[-1][2] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([start, 1, n])
+            start += n
+        cu = torch.tensor([0, *frame_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        return Frames(
+            tuple((a, b, c) for a, b, c in runs), cu.to(device), max(frame_lens, default=0)
+        )
+
+
+def _varlen_attn() -> Any:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+# "varlen": one flash-attention launch over all frames (CUDA, if torch has it); "runs": one
+# batched SDPA per run of equal-sized frames. The bench flips this to compare them.
+ATTENTION_PATH = "varlen"
+
+
+def frame_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frames: Frames
+) -> torch.Tensor:
+    """Full attention within each frame: q, k, v `[N, H, D]` (last dim contiguous) -> same."""
+    varlen = _varlen_attn() if q.is_cuda and ATTENTION_PATH == "varlen" else None
+    if varlen is not None and len(frames.runs) > 1:
+        cu, m = frames.cu_seqlens, frames.max_len
+        return varlen(q, k, v, cu, cu, m, m)
+    outs = []
+    for start, count, length in frames.runs:
+        rows = slice(start, start + count * length)
+        # [F, H, L, D] views; 4-D inputs let SDPA pick its fused kernels
+        qf, kf, vf = (t[rows].unflatten(0, (count, length)).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qf, kf, vf)  # [F, H, L, D]
+        outs.append(out.transpose(1, 2).flatten(0, 1))  # [F*L, H, D]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class VisionAttention(nn.Module):
@@ -33,22 +92,14 @@ class VisionAttention(nn.Module):
         self.proj = Linear(dim, dim, bias=True)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], frame_lens: list[int]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], frames: Frames
     ) -> torch.Tensor:
         # N patches, H heads, D head dim
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).unbind(1)  # each [N, H, D]
-        q, k = VisionRotary.apply(q, *rope), VisionRotary.apply(k, *rope)
-        # [1, H, n, D]: 4-D inputs let SDPA pick its fused kernels (3-D falls back to math)
-        outs = [
-            F.scaled_dot_product_attention(
-                qf.transpose(0, 1)[None], kf.transpose(0, 1)[None], vf.transpose(0, 1)[None]
-            )[0].transpose(0, 1)
-            for qf, kf, vf in zip(
-                q.split(frame_lens), k.split(frame_lens), v.split(frame_lens), strict=True
-            )
-        ]
-        return self.proj(torch.cat(outs).reshape(n, -1))
+        qkv = self.qkv(x)  # [N, 3*H*D]
+        q, k = vision_rotary_qk(qkv, *rope, self.num_heads)  # [N, H, D] each, contiguous
+        v = qkv.view(n, 3, self.num_heads, -1)[:, 2]  # [N, H, D]
+        return self.proj(frame_attention(q, k, v, frames).reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -70,9 +121,9 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], frame_lens: list[int]
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], frames: Frames
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, frame_lens)
+        x = x + self.attn(self.norm1(x), rope, frames)
         return x + self.mlp(self.norm2(x))
 
 
@@ -110,9 +161,9 @@ class VisionTower(nn.Module):
         """pixels `[N, 3*P*P]` -> features `[N, C]`."""
         x = self.patch_embed(pixels)
         rope = self.rotary.cos_sin(self.patch_positions(grids, x.device))
-        frame_lens = [h * w for t, h, w in grids for _ in range(t)]
+        frames = Frames.of([h * w for t, h, w in grids for _ in range(t)], x.device)
         for block in self.blocks:
-            x = block(x, rope, frame_lens)
+            x = block(x, rope, frames)
         return self.ln(x)
 
 

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kernels._dispatch import dot_precision
 from kernels.moe import moe_align_block_size
+from kernels.triton_impl.moe_grouped import fused_moe_grouped, use_grouped
 from kernels.triton_impl.moe_routing import ALIGN_MAX_ROWS, moe_align_triton, moe_combine_triton
 
 
@@ -180,6 +181,9 @@ def fused_moe_triton(
     assert topk_weights.is_contiguous() and x.stride(1) == 1
     if t == 0:
         return torch.zeros_like(x)
+    explicit = tiles is not None or bool(block_m or block_n or block_k)
+    if not explicit and use_grouped(x, t * top_k):  # prefill: torch's Hopper grouped GEMM
+        return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids, add=add)
     tiles = tiles or pick_tiles(t)
     if block_m or block_n or block_k:
         bm, bn, bk = block_m or tiles.block_m, block_n or tiles.block_n, block_k or tiles.block_k
