@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from chat.template import ChatTemplate
-from chat.tokenizer import Tokenizer
+from chat.tokenizer import AddedToken, Tokenizer
 from engine.config import ModelConfig
+from engine.configs import NAMED_CONFIGS, named_config
 from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner, StepSequence
-from engine.models import load_model
+from engine.models import ErnieModel, build_random_model, load_model
 from engine.multimodal import MediaInput, PreparedPrompt, prepare_prompt
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampler import RequestSamplingState, Sampler
@@ -51,6 +52,16 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     seed: int = 0
+    load_format: str = "auto"
+    """"auto": weights from the checkpoint; "dummy": random weights (seeded by `seed`) for
+    a named config (engine/configs.py) or a directory holding config.json. Without a
+    tokenizer beside the config the engine takes token ids only."""
+    quantization: str | None = None
+    """Weight-only quantization of the decoder layers at load: "wint8", "wint4" or None."""
+
+    def __post_init__(self) -> None:
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', not {self.load_format!r}")
 
 
 def resolve_model_path(name: str, source: str | None = None) -> Path:
@@ -62,15 +73,72 @@ def resolve_model_path(name: str, source: str | None = None) -> Path:
     return resolve_model(name, source=source)
 
 
+class TokenIdsOnly:
+    """The tokenizer of an engine that has none (a `dummy` model from a config alone): text
+    is refused, token ids pass, and generated tokens decode to no text."""
+
+    eos_token_id = bos_token_id = pad_token_id = None
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return {}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        raise RequestError(
+            "this engine has no tokenizer (load_format='dummy' from a config alone): "
+            "send prompt token ids, not text"
+        )
+
+    def token_to_id(self, token: str) -> int | None:
+        return None
+
+    def added_token(self, token_id: int) -> AddedToken | None:
+        return None
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return b""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+def _tokenizer(path: Path | None, required: bool) -> Tokenizer | TokenIdsOnly:
+    """The directory's tokenizer; a `dummy` model may have none."""
+    if path is not None and (required or (path / "tokenizer.model").is_file()):
+        return Tokenizer.from_dir(path)
+    return TokenIdsOnly()
+
+
+def _load(
+    args: EngineArgs, dtype: torch.dtype, device: torch.device
+) -> tuple[Path | None, ErnieModel, ModelConfig]:
+    """(model directory or None, model, config) as `args.load_format` says."""
+    if args.load_format == "auto":
+        path = resolve_model_path(args.model, args.model_source)
+        return (path, *load_model(path, dtype, device, args.quantization))
+    named = named_config(args.model)
+    if named is not None:
+        cfg, dir_ = ModelConfig.from_dict(named), None
+    elif (Path(args.model) / "config.json").is_file():
+        dir_ = Path(args.model)
+        cfg = ModelConfig.from_dir(dir_)
+    else:
+        raise ValueError(
+            f"load_format='dummy' takes a named config ({', '.join(NAMED_CONFIGS)}) or a "
+            f"directory holding config.json, not {args.model!r}"
+        )
+    model = build_random_model(cfg, dtype, device, args.seed, quantization=args.quantization)
+    return dir_, model, cfg
+
+
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         self.args = args
         self.device = torch.device(args.device)
         self.dtype = getattr(torch, args.dtype)
-        self.path = resolve_model_path(args.model, args.model_source)
-        self.model, self.model_config = load_model(self.path, self.dtype, self.device)
-        self.tokenizer = Tokenizer.from_dir(self.path)
-        self.chat_template = ChatTemplate.from_dir(self.path)
+        self.path, self.model, self.model_config = _load(args, self.dtype, self.device)
+        self.tokenizer = _tokenizer(self.path, required=args.load_format == "auto")
+        self.chat_template = ChatTemplate.from_dir(self.path) if self.path else ChatTemplate()
         cfg = self.model_config.text
         self.max_model_len = min(
             args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings

@@ -201,7 +201,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--quantization",
         choices=("wint8", "wint4"),
-        help="weight-only quantization (not supported yet in this build)",
+        help="weight-only quantization of the language model at load: wint8 (per-channel "
+        "int8) or wint4 (int4 in groups of 128); the vision tower stays unquantized",
     )
     g.add_argument(
         "--reasoning-parser",
@@ -263,11 +264,6 @@ def check_supported(args: argparse.Namespace) -> None:
         raise UnsupportedOption(
             f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is not "
             "supported yet; this build serves on one device (use --tensor-parallel-size 1)"
-        )
-    if args.quantization is not None:
-        raise UnsupportedOption(
-            f"--quantization {args.quantization}: weight-only quantization is not supported "
-            "yet; omit --quantization to serve unquantized weights"
         )
 
 

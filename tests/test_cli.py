@@ -57,8 +57,7 @@ def test_defaults() -> None:
     ("flags", "needle"),
     [
         (["--tensor-parallel-size", "8"], "tensor parallelism is not supported yet"),
-        (["--quantization", "wint4"], "quantization is not supported yet"),
-        (SEED_FLAGS, "not supported yet"),
+        (SEED_FLAGS, "tensor parallelism is not supported yet"),  # --quantization wint4 is
     ],
 )
 def test_unsupported_options_fail_clearly(
@@ -66,6 +65,14 @@ def test_unsupported_options_fail_clearly(
 ) -> None:
     assert main(["serve", *flags]) == 2
     assert needle in capsys.readouterr().err
+
+
+def test_unknown_quantization_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["serve", "--quantization", "int3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--quantization: invalid choice: 'int3'" in err and "wint8" in err and "wint4" in err
 
 
 def test_bad_json_flag_is_a_usage_error() -> None:
@@ -115,6 +122,10 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served() -> Iterator[Served]:
+    yield from _serve()
+
+
+def _serve(*extra: str) -> Iterator[Served]:
     port, worker_port, cache_port, grpc_port = _free_ports(4)
     # FastDeploy's guide passes the same port to --cache-queue-port and --metrics-port.
     cmd = [
@@ -124,7 +135,7 @@ def served() -> Iterator[Served]:
         "--grpc-port", str(grpc_port), "--max-model-len", "1024", "--max-num-seqs", "4",
         "--mm-processor-kwargs", '{"video_max_frames": 30}',
         "--limit-mm-per-prompt", '{"image": 10, "video": 3}',
-        "--reasoning-parser", "ernie-45-vl",
+        "--reasoning-parser", "ernie-45-vl", *extra,
     ]  # fmt: skip
     env = {**os.environ, "ENABLE_V1_KVCACHE_SCHEDULER": "1"}
     proc = subprocess.Popen(
@@ -213,3 +224,20 @@ def test_sigterm_stops_cleanly(served: Served) -> None:
     assert f"Launching chat completion service at http://127.0.0.1:{served.port}" in out
     assert f"Launching completion service at http://127.0.0.1:{served.port}" in out
     assert f"Launching metrics service at http://127.0.0.1:{served.metrics_port}/metrics" in out
+
+
+@pytest.fixture(scope="module")
+def served_wint8() -> Iterator[Served]:
+    yield from _serve("--quantization", "wint8")
+
+
+def test_serve_wint8_answers_chat(served_wint8: Served) -> None:
+    client = openai.OpenAI(base_url=f"{served_wint8.url}/v1", api_key="null", max_retries=0)
+    reply = client.chat.completions.create(
+        model="null", messages=[{"role": "user", "content": "你好"}], max_tokens=4
+    )
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+    served_wint8.proc.send_signal(signal.SIGTERM)
+    out, _ = served_wint8.proc.communicate(timeout=30)
+    # prefill and decode each quantize their copy of the language model
+    assert out.count("weight-only wint8: quantized") == 2, out

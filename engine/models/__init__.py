@@ -13,10 +13,18 @@ from engine.layers.rotary import TextRotary, VisionRotary
 from engine.models.ernie45 import Ernie45ForCausalLM
 from engine.models.ernie45_vl import Ernie45VLForConditionalGeneration
 from engine.models.loader import WeightLoadError, load_weights
+from engine.quantization import quantize_model
 
 ErnieModel = Ernie45ForCausalLM | Ernie45VLForConditionalGeneration
 
-__all__ = ["ErnieModel", "WeightLoadError", "build_model", "build_random_model", "load_model"]
+__all__ = [
+    "ErnieModel",
+    "WeightLoadError",
+    "build_model",
+    "build_random_model",
+    "language_layers",
+    "load_model",
+]
 
 
 def build_model(cfg: ModelConfig) -> ErnieModel:
@@ -25,10 +33,23 @@ def build_model(cfg: ModelConfig) -> ErnieModel:
     return Ernie45ForCausalLM(cfg.text)
 
 
+def language_layers(model: ErnieModel) -> nn.ModuleList:
+    """The decoder layers: what weight-only quantization replaces (the embedding, the LM
+    head and the vision tower stay in float, as FastDeploy keeps them)."""
+    lm = model.language_model if isinstance(model, Ernie45VLForConditionalGeneration) else model
+    return lm.model.layers
+
+
 def load_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ) -> tuple[ErnieModel, ModelConfig]:
-    """Config + weights from a checkpoint directory -> an eval-mode model on `device`."""
+    """Config + weights from a checkpoint directory -> an eval-mode model on `device`.
+
+    `quantization` ("wint8" | "wint4") quantizes the decoder layers on the host once the
+    weights are loaded, before the move, so the device only ever holds the quantized model."""
     path = Path(path)
     cfg = ModelConfig.from_dir(path)
     with torch.device("meta"):
@@ -39,18 +60,22 @@ def load_model(
             module.tie_weights()
     _init_buffers(model, cfg)
     load_weights(model, cfg, path)
+    if quantization is not None:
+        quantize_model(language_layers(model), quantization, scale_dtype=dtype)
     _cast(model, dtype, device)
     return model.eval(), cfg
 
 
 def _cast(model: nn.Module, dtype: torch.dtype, device: str | torch.device) -> None:
-    """Move to `device` and `dtype`, except routers, which ERNIE runs in fp32."""
+    """Move to `device` and `dtype`, except routers, which ERNIE runs in fp32, and quantized
+    weights, which stay integers."""
     model.to(device=device)
     for module in model.modules():
         if isinstance(module, Router):
             continue
         for p in module.parameters(recurse=False):
-            p.data = p.data.to(dtype)
+            if p.is_floating_point():
+                p.data = p.data.to(dtype)
 
 
 def _init_buffers(model: nn.Module, cfg: ModelConfig) -> None:
@@ -70,10 +95,12 @@ def build_random_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     std: float = 0.02,
+    quantization: str | None = None,
 ) -> ErnieModel:
     """The model of `cfg` with random weights built straight on `device` (the `dummy` load
     format): for benchmarks at real shapes without a checkpoint on disk. Parameters are
-    allocated in `dtype` directly (a 28B model never exists in fp32); routers stay fp32."""
+    allocated in `dtype` directly (a 28B model never exists in fp32); routers stay fp32.
+    `quantization` quantizes the decoder layers afterwards, on `device`."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -95,4 +122,6 @@ def build_random_model(
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, std, generator=gen)
+    if quantization is not None:
+        quantize_model(language_layers(model), quantization)
     return model.eval()
