@@ -3,7 +3,8 @@
 `Generate` reserves KV blocks on the engine thread and answers `Reserved` at once (or
 RESOURCE_EXHAUSTED), then turns each engine output into a `Delta`: token ids plus text
 (`chat.text_stream.TextStream`: incremental detokenizer, stop strings, ernie-45-vl
-reasoning split) and cumulative usage. A stop string ends the request here; cancelling
+reasoning split) and cumulative usage; the first delta also carries `DecodeTimings` (the
+KV transfer's duration). A stop string ends the request here; cancelling
 the stream (the caller went away) frees its blocks.
 """
 
@@ -65,18 +66,24 @@ class DecodeServicer(engine_pb2_grpc.DecodeServicer):
         except asyncio.CancelledError:  # the reserve may still run: free what it takes
             self.loop.submit(lambda: self.role.abort(rid))
             raise
-        done = False
+        done = first = False
         try:
             yield engine_pb2.DecodeResponse(reserved=_reservation_pb(reservation))
             while not done:
                 out: RequestOutput = await sink.get()
+                timings = None
+                if not first:
+                    first = True
+                    kv_transfer_s = self.role.pop_kv_transfer_s(rid)
+                    if kv_transfer_s is not None:
+                        timings = engine_pb2.DecodeTimings(kv_transfer_s=kv_transfer_s)
                 chunk = text.feed(
                     out.new_token_ids, finished=out.finished, finish_reason=out.finish_reason
                 )
                 done = chunk.finish_reason is not None
                 if done and not out.finished:  # a stop string ended it on the text side
                     self.loop.submit(lambda: self.role.stop(rid))
-                yield engine_pb2.DecodeResponse(delta=_delta(out, chunk, text))
+                yield engine_pb2.DecodeResponse(delta=_delta(out, chunk, text), timings=timings)
         finally:
             if not done:  # cancelled or failed: free it (no await, this may be a cancel)
                 self.loop.submit(lambda: self.role.abort(rid))

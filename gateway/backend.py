@@ -80,8 +80,9 @@ class GenerateRequest:
 class RequestTimings:
     """Where one request's time went inside the backend, in seconds, for the metrics.
 
-    A backend fills what it measures, as soon as it knows it: `queue_s` and `prefill_s` on
-    the first delta with tokens, `decode_s` on the last; None = not measured (here).
+    A backend fills what it measures, as soon as it knows it: `queue_s`, `prefill_s` and
+    `kv_transfer_s` on the first delta with tokens, `decode_s` on the last; None = not
+    measured (here).
     """
 
     queue_s: float | None = None
@@ -90,6 +91,9 @@ class RequestTimings:
     """First scheduled → first token (prompt processing, chunked or not)."""
     decode_s: float | None = None
     """First token → last token."""
+    kv_transfer_s: float | None = None
+    """Disaggregated: decode's reservation handed out → the prompt's KV (and the first
+    token) all arrived from prefill."""
 
 
 @dataclass(frozen=True)
@@ -129,12 +133,26 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class VisionCacheStats:
+    """The vision service's embedding cache (counters since its start, bytes now)."""
+
+    num_hits: int
+    num_misses: int
+    num_evictions: int
+    num_bytes: int
+    """Embedding bytes held now."""
+
+
+@dataclass(frozen=True)
 class BackendStats:
     engines: tuple[EngineStats, ...]
     """One per role the backend runs: (`both`,) in one process, (prefill, decode) split."""
     num_kv_transfer_failures: int | None = None
     """KV transfers between prefill and decode that failed since start (a counter); None =
     not reported (a backend without KV transfers)."""
+    vision: VisionCacheStats | None = None
+    """The vision service's embedding cache; None = no vision service, or it did not
+    answer."""
 
 
 @runtime_checkable

@@ -4,10 +4,11 @@ backend's state.
 * `tandem_http_*` / `tandem_grpc_*`: requests by endpoint (method) and status, HTTP latency.
 * `tandem:*` mirror vLLM's / FastDeploy's `vllm:*` / `fastdeploy:*` names: TTFT, inter-token
   and end-to-end latency measured at the gateway for every backend stream (REST and gRPC
-  alike, see `RequestTimer`); queue / prefill / decode / inference time as the backend
-  reports them (`RequestTimings`); and, read at each scrape from `Backend.stats()`, requests
-  running and waiting, KV blocks in use and prefix-cache tokens per engine role (`both` in
-  one process; `prefill` and `decode` when split), and KV transfer failures. Only what the
+  alike, see `RequestTimer`); queue / prefill / KV-transfer / decode / inference time as
+  the backend reports them (`RequestTimings`); and, read at each scrape from
+  `Backend.stats()`, requests running and waiting, KV blocks in use and prefix-cache tokens
+  per engine role (`both` in one process; `prefill` and `decode` when split), KV transfer
+  failures, and the vision service's embedding cache. Only what the
   backend measures is exported: no empty stubs, no zeros for fields it does not report.
 
 The registry is per app (not prometheus_client's global one) so tests and several apps in
@@ -147,6 +148,11 @@ class LatencyMetrics:
         self.prefill = histogram(
             "request_prefill_time_seconds", "First scheduled to first token", _REQUEST_BUCKETS
         )
+        self.kv_transfer = histogram(
+            "request_kv_transfer_time_seconds",
+            "Decode's KV reservation to the prompt's KV arriving from prefill",
+            _TTFT_BUCKETS,
+        )
         self.decode = histogram(
             "request_decode_time_seconds", "First token to last token", _REQUEST_BUCKETS
         )
@@ -194,6 +200,8 @@ class RequestTimer:
         if t.prefill_s is not None:
             self._m.prefill.observe(t.prefill_s)
             self._prefill_s = t.prefill_s
+        if t.kv_transfer_s is not None:
+            self._m.kv_transfer.observe(t.kv_transfer_s)
         if t.decode_s is not None:
             self._m.decode.observe(t.decode_s)
             if self._prefill_s is not None:
@@ -267,4 +275,17 @@ class BackendStatsCollector(Collector):
                 "tandem:kv_transfer_failures",
                 "KV transfers from prefill to decode that failed",
                 value=stats.num_kv_transfer_failures,
+            )
+        if stats.vision is not None:
+            cache = stats.vision
+            for name, doc, count in (
+                ("hits", "Media found in the vision embedding cache", cache.num_hits),
+                ("misses", "Media not in the vision embedding cache", cache.num_misses),
+                ("evictions", "Vision embedding cache entries evicted", cache.num_evictions),
+            ):
+                yield CounterMetricFamily(f"tandem:vision_cache_{name}", doc, value=count)
+            yield GaugeMetricFamily(
+                "tandem:vision_cache_bytes",
+                "Embedding bytes held in the vision cache",
+                value=cache.num_bytes,
             )

@@ -13,7 +13,9 @@ own calls in flight, whichever is more; ties in round-robin order). A decode tha
 RESOURCE_EXHAUSTED (full) or UNAVAILABLE before reserving anything is skipped for the next
 one; when every decode refused, the request fails with `OverloadedError` (503 +
 Retry-After at the gateway). `refresh_stats` polls every instance (`tandem serve` calls it
-every 2 s) for the load and for `stats()`.
+every 2 s) for the load and for `stats()`, and the vision service (if any) for its
+embedding cache counters. Decode's first delta carries the request's KV transfer time
+(`RequestTimings.kv_transfer_s`).
 
 Media: with a vision endpoint, `VisionEncoder.Encode` returns embeddings (the payload
 shipped to prefill); without one, media are preprocessed here (torch-free) and prefill
@@ -39,6 +41,8 @@ from gateway.backend import (
     GenerateDelta,
     GenerateRequest,
     MediaItem,
+    RequestTimings,
+    VisionCacheStats,
 )
 from gateway.errors import (
     BackendUnavailableError,
@@ -174,10 +178,8 @@ class GrpcBackend:
         return EncodedMedia(done.kind, done.grid_thw, done.num_tokens, done.content_hash, payload)
 
     async def _encode_remote(self, item: MediaItem) -> EncodedMedia:
-        from tandem.v1 import vision_pb2, vision_pb2_grpc
+        from tandem.v1 import vision_pb2
 
-        if self._vision is None:
-            self._vision = vision_pb2_grpc.VisionEncoderStub(self._vision_channel_open())
         data = vision_pb2.MediaData(
             kind=pb.KIND_IDS[item.kind],
             data=item.data,
@@ -185,7 +187,7 @@ class GrpcBackend:
         )
         request = vision_pb2.EncodeRequest(items=[data], return_embeddings=True)
         try:
-            reply = await self._vision.Encode(request, timeout=self.config.prefill_timeout_s)
+            reply = await self._vision_stub().Encode(request, timeout=self.config.prefill_timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _gateway_error(exc, "vision") from exc
         got = reply.items[0]
@@ -312,7 +314,7 @@ class GrpcBackend:
                 nxt.add_done_callback(_consume)
             if msg is None:
                 raise BackendUnavailableError("decode ended the stream before finishing")
-            yield _delta(msg.delta)
+            yield _delta(msg)
 
     async def check_health(self) -> bool:
         """True while every service (vision if configured, each prefill and decode
@@ -334,11 +336,37 @@ class GrpcBackend:
         """Poll every instance's `Stats` (the load for routing) and cache a `BackendStats`
         for `stats()` (call periodically)."""
         instances = [*self._prefills.instances, *self._decodes.instances]
-        await asyncio.gather(*(inst.refresh() for inst in instances))
-        self._stats = _backend_stats(self._prefills, self._decodes)
+        _, vision = await asyncio.gather(
+            asyncio.gather(*(inst.refresh() for inst in instances)), self._vision_stats()
+        )
+        self._stats = _backend_stats(self._prefills, self._decodes, vision)
+
+    async def _vision_stats(self) -> VisionCacheStats | None:
+        """The vision service's cache counters; None without one or when it did not answer."""
+        if self.config.vision is None:
+            return None
+        from tandem.v1 import vision_pb2
+
+        try:
+            s = await self._vision_stub().Stats(vision_pb2.VisionStatsRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError:
+            return None
+        return VisionCacheStats(
+            num_hits=s.num_cache_hits,
+            num_misses=s.num_cache_misses,
+            num_evictions=s.num_cache_evictions,
+            num_bytes=s.num_cache_bytes,
+        )
 
     def stats(self) -> BackendStats:
         return self._stats
+
+    def _vision_stub(self) -> Any:
+        if self._vision is None:
+            from tandem.v1 import vision_pb2_grpc
+
+            self._vision = vision_pb2_grpc.VisionEncoderStub(self._vision_channel_open())
+        return self._vision
 
     def _vision_channel_open(self) -> grpc.aio.Channel:
         if self._vision_channel is None:
@@ -362,7 +390,9 @@ async def _serving(channel: grpc.aio.Channel) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def _backend_stats(prefills: _Pool, decodes: _Pool) -> BackendStats:
+def _backend_stats(
+    prefills: _Pool, decodes: _Pool, vision: VisionCacheStats | None = None
+) -> BackendStats:
     """Per role, the sum over the instances that answered; a role none answered for is
     left out (nothing measured). Transfer failures are decode's count: every transfer ends
     at a decode reservation, and a prefill that cannot send shows there as a timeout."""
@@ -384,7 +414,7 @@ def _backend_stats(prefills: _Pool, decodes: _Pool) -> BackendStats:
         )
     answered = [inst.last_stats for inst in decodes.instances if inst.last_stats is not None]
     failures = sum(s.num_transfer_failures for s in answered) if answered else None
-    return BackendStats(engines=tuple(engines), num_kv_transfer_failures=failures)
+    return BackendStats(engines=tuple(engines), num_kv_transfer_failures=failures, vision=vision)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -408,8 +438,12 @@ async def _next(call: Any, who: str) -> engine_pb2.DecodeResponse | None:
     return None if msg is grpc.aio.EOF else msg
 
 
-def _delta(d: common_pb2.Delta) -> GenerateDelta:
+def _delta(msg: engine_pb2.DecodeResponse) -> GenerateDelta:
+    d = msg.delta
     finish = pb.FINISH_NAMES.get(d.finish_reason)
+    timings = (
+        RequestTimings(kv_transfer_s=msg.timings.kv_transfer_s) if msg.HasField("timings") else None
+    )
     return GenerateDelta(
         token_ids=list(d.token_ids),
         logprobs=pb.logprobs_from_pb(d.logprobs),
@@ -418,6 +452,7 @@ def _delta(d: common_pb2.Delta) -> GenerateDelta:
         num_prompt_tokens=d.usage.prompt_tokens,
         num_cached_tokens=d.usage.cached_tokens,
         num_output_tokens=d.usage.completion_tokens,
+        timings=timings,
     )
 
 

@@ -1,4 +1,5 @@
-"""`VisionEncoderService`: the thin gRPC adapter, `EncodeRequest` ↔ `MediaEncoder`.
+"""`VisionEncoderService`: the thin gRPC adapter, `EncodeRequest` ↔ `MediaEncoder`, and
+`Stats` ↔ its embedding cache's `stats()`.
 
 No logic lives here: protobuf in, domain objects to the encoder, protobuf out. Errors
 propagate to `ErrorInterceptor`, which owns the status codes.
@@ -71,4 +72,17 @@ class VisionEncoderService(vision_pb2_grpc.VisionEncoderServicer):
         results = await asyncio.gather(*(self.encoder.encode(item) for item in items))
         return vision_pb2.EncodeResponse(
             items=[encoded_media(r, request.return_embeddings) for r in results]
+        )
+
+    async def Stats(
+        self, request: vision_pb2.VisionStatsRequest, context: grpc.aio.ServicerContext
+    ) -> vision_pb2.VisionStats:
+        s = self.encoder.cache.stats()
+        return vision_pb2.VisionStats(
+            num_cache_hits=s.num_hits,
+            num_cache_misses=s.num_misses,
+            num_cache_evictions=s.num_evictions,
+            num_cache_entries=s.num_entries,
+            num_cache_bytes=s.num_bytes,
+            cache_capacity_bytes=s.capacity_bytes,
         )

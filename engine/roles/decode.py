@@ -7,8 +7,9 @@ ones included), decode's own prefix-cache hits are counted (`num_cached_blocks`:
 prefill sends only the rest), and the `KVReceiver` gets a one-time reservation with a
 deadline. When the receiver reports DONE (every lacking block of every layer plus the
 first token), the prompt's blocks join the prefix cache and the request joins the running
-batch with `num_computed_tokens = prompt length`. A FAILED transfer, a deadline or an
-abort frees the blocks; the caller's stream ends with the error.
+batch with `num_computed_tokens = prompt length`, and the transfer's duration
+(reservation handed out → DONE) waits in `pop_kv_transfer_s` for the caller. A FAILED
+transfer, a deadline or an abort frees the blocks; the caller's stream ends with the error.
 
 Prompts arrive already expanded; media need no pixels here (the KV is computed by
 prefill), only their grids for the 3-D positions of generated tokens. A request that the
@@ -18,6 +19,7 @@ have: such a request fails instead of producing wrong text.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +62,8 @@ class DecodeRole:
         self.receiver = receiver
         self._waiting: dict[str, Request] = {}  # reserved, KV not complete yet
         self._sinks: dict[str, Sink] = {}  # every open request
+        self._reserved_at: dict[str, float] = {}  # waiting requests: perf_counter at reserve
+        self._kv_transfer_s: dict[str, float] = {}  # joined, not yet taken by the caller
         self.num_failed_transfers = 0
 
     # -- commands (engine thread) ---------------------------------------------------------
@@ -110,17 +114,27 @@ class DecodeRole:
             raise
         self._waiting[request_id] = req
         self._sinks[request_id] = sink
+        self._reserved_at[request_id] = time.perf_counter()
         return reservation
 
     def abort(self, request_id: str) -> None:
         """Free the request wherever it is (idempotent)."""
         self._sinks.pop(request_id, None)
+        self._reserved_at.pop(request_id, None)
+        self._kv_transfer_s.pop(request_id, None)
         req = self._waiting.pop(request_id, None)
         if req is not None:
             self.receiver.abort(request_id)
             self.engine.kv.free(request_id)
         else:
             self.engine.abort(request_id)
+
+    def pop_kv_transfer_s(self, request_id: str) -> float | None:
+        """Seconds from the request's reservation to its KV transfer's DONE, once (None:
+        not joined yet, or already taken). Safe from the caller's thread once the request's
+        first output came through its sink: the value is stored before that output is put,
+        and a single dict pop is atomic."""
+        return self._kv_transfer_s.pop(request_id, None)
 
     def stop(self, request_id: str) -> None:
         """Finish as stopped (a stop string matched on the text side)."""
@@ -138,10 +152,11 @@ class DecodeRole:
     def poll(self) -> None:
         for event in self.receiver.poll():
             req = self._waiting.pop(event.request_id, None)
+            reserved_at = self._reserved_at.pop(event.request_id, None)
             if req is None:
                 continue
             if event.ok:
-                self._join(req, event)
+                self._join(req, event, reserved_at)
             else:
                 self._fail_transfer(req, event)
 
@@ -210,11 +225,13 @@ class DecodeRole:
         rows = torch.from_numpy(np.isin(np.asarray(token_ids), list(media_token_ids(cfg))))
         return PreparedPrompt(token_ids, torch.from_numpy(positions), delta, spans, [], rows)
 
-    def _join(self, req: Request, event: TransferEvent) -> None:
+    def _join(self, req: Request, event: TransferEvent, reserved_at: float | None) -> None:
         engine = self.engine
         if event.first_token_id is None:
             self._fail_transfer(req, event)
             return
+        if reserved_at is not None and req.request_id in self._sinks:
+            self._kv_transfer_s[req.request_id] = time.perf_counter() - reserved_at
         engine.kv.cache_blocks(req, req.num_prompt_tokens)
         req.num_cached_tokens = int(event.extra.get("num_cached_tokens") or 0)
         raw = event.extra.get("logprobs")

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from chat.template import ChatTemplate
 from chat.tokenizer import Tokenizer
 from gateway.app import GatewayConfig, create_app
-from gateway.backend import BackendStats, EngineStats
+from gateway.backend import BackendStats, EngineStats, VisionCacheStats
 from gateway.metrics import GatewayMetrics
 from tests.gateway.test_api_shapes import FakeBackend
 from tests.gateway.test_api_shapes import tokenizer as tokenizer
@@ -51,6 +51,7 @@ SPLIT = BackendStats(
         ),
     ),
     num_kv_transfer_failures=4,
+    vision=VisionCacheStats(num_hits=9, num_misses=5, num_evictions=2, num_bytes=4096),
 )
 
 
@@ -149,6 +150,10 @@ def test_metrics_per_role_from_stats(servers: Servers) -> None:
     assert samples[("tandem:prefix_cache_queries_total", prefill)] == 640
     assert samples[("tandem:prefix_cache_hits_total", prefill)] == 320
     assert samples[("tandem:kv_transfer_failures_total", ())] == 4
+    assert samples[("tandem:vision_cache_hits_total", ())] == 9
+    assert samples[("tandem:vision_cache_misses_total", ())] == 5
+    assert samples[("tandem:vision_cache_evictions_total", ())] == 2
+    assert samples[("tandem:vision_cache_bytes", ())] == 4096
     # Fields decode / prefill leave None are not exported as zeros.
     assert ("tandem:num_requests_waiting", prefill) not in samples
     assert ("tandem:prefix_cache_hits_total", decode) not in samples
@@ -173,6 +178,8 @@ def test_unreported_fields_and_metrics_are_left_out(tokenizer: Tokenizer) -> Non
         "tandem:kv_cache_usage_perc",  # needs the total
         "tandem:prefix_cache_hits_total",
         "tandem:kv_transfer_failures_total",  # None: the backend has no KV transfers
+        "tandem:vision_cache_hits_total",  # None: no vision service
+        "tandem:vision_cache_bytes",
     ):
         assert absent not in names, absent
 
@@ -180,5 +187,7 @@ def test_unreported_fields_and_metrics_are_left_out(tokenizer: Tokenizer) -> Non
 def test_failing_stats_costs_only_the_backend_metrics(tokenizer: Tokenizer) -> None:
     samples = _render(ProbedBackend(tokenizer, snapshot=None), tokenizer)
     names = {name for name, _ in samples}
-    assert not any(n.startswith(("tandem:kv_", "tandem:num_requests")) for n in names)
+    assert not any(
+        n.startswith(("tandem:kv_", "tandem:num_requests", "tandem:vision_cache")) for n in names
+    )
     assert "tandem:generation_tokens_total" in names

@@ -152,7 +152,8 @@ def test_only_measured_metrics_are_exported(tmp_path) -> None:
     metrics = GatewayMetrics()
     create_app(FakeBackend(tokenizer), tokenizer, ChatTemplate(), metrics=metrics)
     timer = metrics.request_timer()
-    timer.on_delta(GenerateDelta([1], timings=RequestTimings(queue_s=0.5, prefill_s=0.25)))
+    first = RequestTimings(queue_s=0.5, prefill_s=0.25, kv_transfer_s=0.125)
+    timer.on_delta(GenerateDelta([1], timings=first))
     timer.on_delta(GenerateDelta([2, 3], finished=True, timings=RequestTimings(decode_s=1.0)))
     families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
     assert "tandem:kv_blocks_used" not in families
@@ -163,6 +164,7 @@ def test_only_measured_metrics_are_exported(tmp_path) -> None:
 
     assert total("tandem:request_queue_time_seconds") == 0.5
     assert total("tandem:request_inference_time_seconds") == 1.25
+    assert total("tandem:request_kv_transfer_time_seconds") == 0.125
     count = next(
         s.value
         for s in families["tandem:inter_token_latency_seconds"].samples
