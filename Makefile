@@ -30,7 +30,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python tools/check_imports.py
-	$(BIN)/mypy chat gateway engine/config.py engine/hub engine/kv_cache
+	$(BIN)/mypy chat gateway tandem decode_svc prefill_svc vision_svc engine/config.py \
+	  engine/hub engine/kv_cache engine/kv_transfer engine/roles engine/quantization
 
 fmt: setup
 	$(BIN)/ruff check --fix .

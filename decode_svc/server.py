@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import grpc
 
@@ -30,6 +31,9 @@ from tandem import pb
 from tandem.services import ServiceProcess
 from tandem.v1 import common_pb2, engine_pb2, engine_pb2_grpc
 
+if TYPE_CHECKING:
+    from chat.tokenizer import Tokenizer
+
 log = logging.getLogger("tandem.decode_svc")
 
 DEFAULT_TRANSFER_TIMEOUT_S = 60.0
@@ -40,7 +44,9 @@ class DecodeServicer(engine_pb2_grpc.DecodeServicer):
         self.loop = loop
         self.role = role
         engine = role.engine
-        self.tokenizer = engine.tokenizer
+        # A `dummy` engine without a tokenizer has TokenIdsOnly, which offers the methods
+        # TextStream calls and decodes every token to empty text.
+        self.tokenizer = cast("Tokenizer", engine.tokenizer)
         start, end = engine.think_start_id, engine.think_end_id
         self.think_ids = (-1 if start is None else start, -1 if end is None else end)
 

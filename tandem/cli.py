@@ -365,6 +365,8 @@ def serve(args: argparse.Namespace) -> int:
     backend = LocalBackend.create(launch.engine_args(args, device, dtype), args.mm_processor_kwargs)
     try:
         engine = backend.engine
+        if not isinstance(engine.tokenizer, Tokenizer):  # serve always loads a checkpoint's
+            raise ValueError("the model directory has no tokenizer; the server needs one")
         asyncio.run(_serve_gateway(backend, engine.tokenizer, engine.chat_template, args, config))
     finally:
         backend.shutdown()
