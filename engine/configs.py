@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from engine.tiny import tiny_config
+
 ERNIE_45_VL_28B_A3B: dict[str, Any] = {
     # transformers' `Ernie4_5_VLMoeConfig().to_dict()` (5.23), bookkeeping keys left out.
     "model_type": "ernie4_5_vl_moe",
@@ -62,43 +64,24 @@ ERNIE_45_VL_28B_A3B: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 
+# The ids engine/tiny.py's tokenizer gives its special tokens (tests check they agree).
+TINY_TOKEN_IDS = {
+    "<unk>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "<|end_of_sentence|>": 4,
+    "<|IMAGE_START|>": 5,
+    "<|IMAGE_END|>": 6,
+    "<|VIDEO_START|>": 7,
+    "<|VIDEO_END|>": 8,
+    "<|IMAGE_PLACEHOLDER|>": 9,
+}
+TINY_VOCAB_SIZE = 3000
+
 TINY_ERNIE_VL: dict[str, Any] = {
-    # engine/tiny.py's config with the ids its tokenizer gives (tests check they agree).
     "model_type": "ernie4_5_vl_moe",
     "architectures": ["Ernie4_5_VLMoeForConditionalGeneration"],
-    "text_config": {
-        "vocab_size": 3000,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5,
-        "use_bias": False,
-        "moe_num_experts": 4,
-        "moe_k": 2,
-        "moe_intermediate_size": [64, 32],
-        "moe_num_shared_experts": 1,
-        "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
-        "tie_word_embeddings": True,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 500000.0,
-            "mrope_section": [3, 3, 2],
-        },
-        "bos_token_id": 1,
-        "eos_token_id": [2, 4],
-        "pad_token_id": 0,
-    },
-    "vision_config": {"depth": 2, "hidden_size": 64, "num_heads": 4, "intermediate_size": 128},
-    "image_token_id": 9,
-    "video_token_id": 9,
-    "image_start_token_id": 5,
-    "image_end_token_id": 6,
-    "video_start_token_id": 7,
-    "video_end_token_id": 8,
-    "tie_word_embeddings": True,
+    **tiny_config(TINY_TOKEN_IDS, TINY_VOCAB_SIZE),
 }
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {

@@ -10,49 +10,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from engine.llm_engine import EngineArgs
 from gateway.app import GatewayConfig, create_app
 from tandem.local_backend import LocalBackend
+from tests.gateway.servers import ServerThread
 
 MAX_MODEL_LEN = 512
 MESSAGES = [{"role": "user", "content": "把李白的静夜思改写为现代诗"}]
-
-
-class ServerThread:
-    def __init__(self, app) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import socket
-import threading
 import time
 from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +19,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from chat.build_tokenizer import build_tokenizer
@@ -30,6 +27,7 @@ from chat.tokenizer import Tokenizer
 from gateway.app import GatewayConfig, create_app
 from gateway.backend import EncodedMedia, GenerateDelta, GenerateRequest, MediaItem
 from gateway.errors import OverloadedError
+from tests.gateway.servers import ServerThread
 
 SCRIPT_REASONING = "Let me think about it."
 SCRIPT_ANSWER = "The answer is 42. Done."
@@ -88,34 +86,6 @@ class FakeBackend:
         finally:
             if req.request_id not in self.finished:
                 self.closed.append(req.request_id)
-
-
-class ServerThread:
-    """uvicorn on 127.0.0.1 and a free port, in a thread."""
-
-    def __init__(self, app) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> ServerThread:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
