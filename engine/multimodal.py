@@ -94,9 +94,10 @@ def find_spans(token_ids: list[int], cfg: ModelConfig, media: list[MediaInput]) 
     return spans
 
 
-def prepare_prompt(
-    model: torch.nn.Module, cfg: ModelConfig, token_ids: list[int], media: list[MediaInput]
+def layout_prompt(
+    cfg: ModelConfig, token_ids: list[int], media: list[MediaInput]
 ) -> PreparedPrompt:
+    """Spans, 3-D positions and vision-expert rows of a prompt; no vision tower runs."""
     if not cfg.is_multimodal:
         if media:
             raise PromptError("this model takes text only")
@@ -110,12 +111,20 @@ def prepare_prompt(
         spatial_merge_size=v.spatial_merge_size,
         temporal_merge_size=v.temporal_merge_size,
     )
-    slices = [
+    rows = torch.from_numpy(np.isin(np.asarray(token_ids), list(media_token_ids(cfg))))
+    return PreparedPrompt(token_ids, torch.from_numpy(positions), delta, spans, [], rows)
+
+
+def prepare_prompt(
+    model: torch.nn.Module, cfg: ModelConfig, token_ids: list[int], media: list[MediaInput]
+) -> PreparedPrompt:
+    """`layout_prompt` plus each item's embeddings (encoded now unless already cached)."""
+    prompt = layout_prompt(cfg, token_ids, media)
+    prompt.media = [
         MediaSlice(span.offset, encode(model, item))
-        for span, item in zip(spans, media, strict=True)
+        for span, item in zip(prompt.spans, media, strict=True)
     ]
-    vision_rows = torch.from_numpy(np.isin(np.asarray(token_ids), list(media_token_ids(cfg))))
-    return PreparedPrompt(token_ids, torch.from_numpy(positions), delta, spans, slices, vision_rows)
+    return prompt
 
 
 @torch.inference_mode()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.gemv import linear as small_m_linear
+
 
 class WeightShapeError(ValueError):
     """A checkpoint tensor does not fit the parameter the config says it should fill."""
@@ -25,6 +27,12 @@ def check_shape(name: str, expected: torch.Size | tuple[int, ...], got: torch.Si
 
 class Linear(nn.Linear):
     """nn.Linear whose `load(name, tensor)` checks the shape before copying."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode (M <= 4 rows on CUDA): Triton GEMV when kernels.gemv enables it; else F.linear
+        if x.is_cuda and x.dim() == 2:
+            return small_m_linear(x, self.weight, self.bias)
+        return super().forward(x)
 
     def load(
         self, name: str, tensor: torch.Tensor, shard: int | None = None, is_bias: bool = False
@@ -47,6 +55,12 @@ class MergedLinear(nn.Linear):
         super().__init__(in_features, sum(out_sizes), bias=bias)
         self.out_sizes = list(out_sizes)
         self.offsets = [sum(out_sizes[:i]) for i in range(len(out_sizes) + 1)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # decode (M <= 4 rows on CUDA): Triton GEMV when kernels.gemv enables it; else F.linear
+        if x.is_cuda and x.dim() == 2:
+            return small_m_linear(x, self.weight, self.bias)
+        return super().forward(x)
 
     def load(
         self, name: str, tensor: torch.Tensor, shard: int | None = None, is_bias: bool = False

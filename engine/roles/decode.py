@@ -22,10 +22,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from chat.multimodal import position_ids
 from engine.kv_transfer.base import (
     KVReceiver,
     KVReservation,
@@ -34,13 +32,7 @@ from engine.kv_transfer.base import (
     new_transfer_token,
 )
 from engine.llm_engine import LLMEngine, RequestError
-from engine.multimodal import (
-    MediaInput,
-    PreparedPrompt,
-    PromptError,
-    find_spans,
-    media_token_ids,
-)
+from engine.multimodal import MediaInput, PreparedPrompt, layout_prompt
 from engine.request import Request, RequestOutput
 from engine.roles.errors import NoCapacityError, TransferFailedError, TransferTimeoutError
 from engine.roles.loop import Sink
@@ -208,22 +200,7 @@ class DecodeRole:
 
     def _layout(self, token_ids: list[int], media: list[MediaInput]) -> PreparedPrompt:
         """Positions and vision rows of the prompt, without running the vision tower."""
-        cfg = self.engine.model_config
-        if not cfg.is_multimodal:
-            if media:
-                raise PromptError("this model takes text only")
-            return PreparedPrompt(token_ids, torch.arange(len(token_ids)), 0)
-        spans = find_spans(token_ids, cfg, media)
-        v = cfg.vision
-        assert v is not None
-        positions, delta = position_ids(
-            len(token_ids),
-            spans,
-            spatial_merge_size=v.spatial_merge_size,
-            temporal_merge_size=v.temporal_merge_size,
-        )
-        rows = torch.from_numpy(np.isin(np.asarray(token_ids), list(media_token_ids(cfg))))
-        return PreparedPrompt(token_ids, torch.from_numpy(positions), delta, spans, [], rows)
+        return layout_prompt(self.engine.model_config, token_ids, media)
 
     def _join(self, req: Request, event: TransferEvent, reserved_at: float | None) -> None:
         engine = self.engine
