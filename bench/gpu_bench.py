@@ -383,6 +383,216 @@ def moe_sweep(dev: torch.device, tiny: bool) -> None:
     RESULTS["moe_sweep"] = out
 
 
+def _graph_ms(fn: Callable[[], Any], dev: torch.device, iters: int = 20) -> float:
+    """Median ms of fn replayed from a CUDA graph (plain calls on CPU)."""
+    fn()
+    if dev.type != "cuda":
+        return bench(fn, dev, 0, 1)["median_ms"]
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay, dev, 3, iters)["median_ms"]
+
+
+# (block_n, block_k, num_warps, num_stages); the first sweep (2026-11-25, RESULTS.md) also ran
+# (4, 512, 4, 1), (8, 256, 4, 3), (8, 512, 8, 3), (16, 256, 4, 3), (16, 512, 8, 3),
+# (32, 256, 8, 3) and M=4 (where cuBLAS won every shape)
+GEMV_SWEEP = [(2, 1024, 4, 3), (4, 512, 4, 3), (4, 1024, 4, 3), (8, 512, 4, 3), (4, 1024, 2, 3)]
+GEMV_SWEEP_M = (1,)
+
+
+def gemv_sweep(dev: torch.device, tiny: bool) -> None:
+    """Small-M linear at the 28B decode shapes: cuBLAS (F.linear) vs the Triton GEMV per tile.
+    Each timing runs the op over enough weight copies (~256 MB) that L2 holds none of them,
+    graph-replayed; "default" is kernels.triton_impl.gemv.pick_gemv_tiles."""
+    from kernels.triton_impl import gemv as gv
+
+    shapes = (
+        [(640, 512), (512, 512), (1000, 512)]
+        if tiny
+        else [
+            (3584, 2560),
+            (2560, 2560),
+            (6144, 2560),
+            (2560, 3072),
+            (24576, 2560),
+            (2560, 12288),
+            (103424, 2560),
+        ]
+    )
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    g = torch.Generator(device="cpu").manual_seed(11)
+    log("== small-M GEMV sweep: ms per op (weights rotated past L2), GB/s of weight read")
+    out: dict[str, Any] = {}
+    for n, k in shapes:
+        nbytes = n * k * 2
+        copies = 1 if tiny else max(1, -(-256_000_000 // nbytes))
+        ws = [(torch.randn(n, k, device=dev) * 0.02).to(dt) for _ in range(copies)]
+        for m in GEMV_SWEEP_M:
+            x = torch.randn(m, k, generator=g).to(dt).to(dev)
+            ref = F.linear(x.float(), ws[0].float())
+            row: dict[str, Any] = {}
+            row["cublas"] = _graph_ms(lambda x=x, ws=ws: [F.linear(x, w) for w in ws], dev) / copies
+            d = gv.pick_gemv_tiles(n, k)
+            cfgs = [(d.block_n, d.block_k, d.num_warps, d.num_stages)]
+            cfgs += [c for c in (GEMV_SWEEP[:2] if tiny else GEMV_SWEEP) if c != cfgs[0]]
+            for cfg in cfgs:
+                tiles = gv.GemvTiles(*cfg)
+                try:
+                    got = gv.gemv_triton(x, ws[0], None, tiles)
+                    rel = float((got.float() - ref).norm() / ref.norm())
+                    if not rel < 1e-2:
+                        FAILURES.append(f"gemv {m}x{n}x{k} {cfg}: rel_norm {rel:.2e}")
+
+                    def run_all(t: Any = tiles, x: torch.Tensor = x, ws: list = ws) -> list:
+                        return [gv.gemv_triton(x, w, None, t) for w in ws]
+
+                    ms = _graph_ms(run_all, dev)
+                    row[str(cfg)] = ms / copies
+                except Exception as ex:
+                    row[str(cfg)] = f"{type(ex).__name__}"
+            best = min((v, c) for c, v in row.items() if isinstance(v, float) and c != "cublas")
+            log(
+                f"  M={m} N={n:6d} K={k:5d}: cuBLAS {row['cublas'] * 1e3:7.1f} us "
+                f"({nbytes / row['cublas'] / 1e6:5.0f} GB/s); best {best[1]} "
+                f"{best[0] * 1e3:7.1f} us ({nbytes / best[0] / 1e6:5.0f} GB/s)"
+            )
+            log(
+                "     "
+                + ", ".join(
+                    f"{c}: {v * 1e3:.1f}" if isinstance(v, float) else f"{c}: {v}"
+                    for c, v in row.items()
+                )
+            )
+            out[f"{m}x{n}x{k}"] = row
+        del ws
+    RESULTS["gemv_sweep"] = out
+
+
+MOE_DECODE_SWEEP = [  # MoeDecodeTiles(up_bn, up_bk, down_bn, down_bk, warps, stages)
+    (8, 512, 8, 512, 4, 3),
+    (4, 512, 4, 512, 4, 1),
+    (4, 512, 4, 1024, 4, 3),
+    (4, 512, 2, 512, 4, 3),
+    (2, 512, 2, 512, 2, 3),
+    (4, 512, 4, 512, 2, 3),
+    (4, 256, 4, 256, 2, 3),
+]
+
+
+def moe_decode_sweep(dev: torch.device, tiny: bool) -> None:
+    """fused_moe at T=1/2/4, 28B shapes: the grouped-GEMM path vs the decode GEMVs per tile;
+    the first config is kernels.triton_impl.gemv.MOE_DECODE_TILES."""
+    from kernels.moe import fused_moe_ref, route
+    from kernels.triton_impl import gemv as gv
+    from kernels.triton_impl.moe import fused_moe_triton
+
+    e, d, inter, k = (8, 256, 128, 2) if tiny else (64, 2560, 1536, 6)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    g = torch.Generator(device="cpu").manual_seed(5)
+    w13 = (torch.randn(e, 2 * inter, d, device=dev) * 0.02).to(dt)
+    w2 = (torch.randn(e, d, inter, device=dev) * 0.02).to(dt)
+    expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
+    log(f"== decode MoE sweep (E={e} D={d} I={inter} top{k}), ms per layer")
+    out: dict[str, Any] = {}
+    sums: dict[str, float] = {}
+    for t in (1, 2, 4):
+        x = torch.randn(t, d, generator=g).to(dt).to(dev)
+        wts, ids = route(torch.randn(t, e, generator=g).to(dev), k)
+        add = torch.randn(t, d, generator=g).to(dt).to(dev)
+        ref = fused_moe_ref(x, w13, w2, wts, ids).float() + add.float()
+        touched = int(torch.unique(ids).numel())
+        row: dict[str, Any] = {
+            "grouped": _graph_ms(
+                lambda a=(x, w13, w2, wts, ids), ad=add: fused_moe_triton(*a, add=ad), dev
+            )
+        }
+        dflt = gv.MOE_DECODE_TILES
+        cfgs = [tuple(getattr(dflt, f) for f in dflt.__dataclass_fields__)]
+        cfgs += [c for c in (MOE_DECODE_SWEEP[:2] if tiny else MOE_DECODE_SWEEP) if c != cfgs[0]]
+        for cfg in cfgs:
+            tiles = gv.MoeDecodeTiles(*cfg)
+            try:
+                got = gv.fused_moe_decode(x, w13, w2, wts, ids, add=add, tiles=tiles)
+                rel = float((got.float() - ref).norm() / ref.norm())
+                if not rel < 1e-2:
+                    FAILURES.append(f"moe decode T={t} {cfg}: rel_norm {rel:.2e}")
+                row[str(cfg)] = _graph_ms(
+                    lambda tl_=tiles, a=(x, w13, w2, wts, ids), ad=add: gv.fused_moe_decode(
+                        *a, add=ad, tiles=tl_
+                    ),
+                    dev,
+                )
+                sums[str(cfg)] = sums.get(str(cfg), 0.0) + row[str(cfg)] * (4 if t == 1 else 1)
+            except Exception as ex:
+                row[str(cfg)] = f"{type(ex).__name__}"
+        best = min((v, c) for c, v in row.items() if isinstance(v, float) and c != "grouped")
+        gb = touched * expert_bytes / 1e6
+        log(
+            f"  T={t}: grouped {row['grouped']:.4f} ms ({gb / row['grouped']:.0f} GB/s); best "
+            f"{best[1]} {best[0]:.4f} ms ({gb / best[0]:.0f} GB/s over {touched} experts)"
+        )
+        log(
+            "     "
+            + ", ".join(
+                f"{c}: {v:.4f}" if isinstance(v, float) else f"{c}: {v}" for c, v in row.items()
+            )
+        )
+        out[str(t)] = row
+    pick = min((v, c) for c, v in sums.items())[1]  # T=1 weighted x4
+    RESULTS["moe_decode_sweep"] = out
+    RESULTS["moe_decode_tiles_picked"] = pick
+    log(f"  picked {pick}")
+
+
+def decode_ab(runner: ModelRunner, cases: list, dev: torch.device, tiny: bool) -> dict[str, Any]:
+    """Decode steps, graph-replayed, with each new path on/off (graphs recaptured per variant);
+    logits compared with the old path's."""
+    import kernels.gemv as kg
+    import kernels.triton_impl.moe as km
+
+    res: dict[str, Any] = {}
+    new_gemv, new_moe = kg.GEMV_ENABLED, km.DECODE_MAX_TOKENS  # the shipped defaults
+    variants = [
+        ("old", False, 0),
+        ("moe", False, new_moe),
+        ("gemv", True, 0),
+        ("new", new_gemv, new_moe),
+        ("old again", False, 0),
+        ("new again", new_gemv, new_moe),
+    ]
+    kept = []  # captured graphs stay alive: freeing them and recapturing into the same pool
+    # trips the caching allocator (INTERNAL ASSERT), so each variant captures into a fresh pool
+    keep = (kg.GEMV_ENABLED, km.DECODE_MAX_TOKENS)
+    log("== decode A/B (graph replay; |dlogits| vs the old path)")
+    for name, seqs, tokens, _ in cases:
+        if not name.startswith("decode"):
+            continue
+        base = None
+        for vname, gemv_on, moe_max in variants:
+            kg.GEMV_ENABLED, km.DECODE_MAX_TOKENS = gemv_on, moe_max
+            if runner.graphs is not None and dev.type == "cuda":
+                from engine.cuda_graphs import CudaStepGraph
+
+                kept.append(runner.graphs.graphs)
+                pool = torch.cuda.graph_pool_handle()
+                runner.graphs.make_graph = lambda pool=pool: CudaStepGraph(pool)
+                runner.graphs.graphs = {}  # recapture with this path
+            logits = torch.cat(runner.run(seqs)).float().clone()
+            base = logits if base is None else base
+            diff = float((logits - base).abs().max())
+            t = bench(lambda s=seqs: runner.run(s), dev, 2 if tiny else 3, 3 if tiny else 50)
+            t.update(tok_s=tokens / (t["median_ms"] * 1e-3), max_abs_diff_vs_old=diff)
+            res[f"{name} [{vname}]"] = t
+            log(
+                f"  {name:22s} {vname:10s} {t['median_ms']:8.3f} ms (min {t['min_ms']:.3f})"
+                f"  |dlogits| {diff:.3e} (logit scale {float(base.abs().max()):.2f})"
+            )
+    kg.GEMV_ENABLED, km.DECODE_MAX_TOKENS = keep
+    return res
+
+
 def attention_sweep(dev: torch.device, tiny: bool) -> None:
     """Decode attention per (batch, context) and (BLOCK_N, warps), block tables as wide as the
     runner's CUDA graphs make them (8192 blocks), graph-replayed like the decode step."""
@@ -625,6 +835,7 @@ def run_tandem(
     tiny: bool,
     profile: bool = False,
     prefill_ab: bool = False,
+    decode_only: bool = False,
 ) -> dict[str, Any]:
     log("== Tandem: building the text model on the device (random weights)")
     t0 = time.perf_counter()
@@ -686,6 +897,15 @@ def run_tandem(
             lim["prefill"](n * length),
         )
     )
+    if decode_only:  # --decode-ab: decode b1 and b4 only (M <= 4 is the GEMV range)
+        cases = cases[:1] + [  # noqa: RUF005
+            (
+                f"decode b4 ctx{ctx1}",
+                seqs_decode(4, ctx1, vocab, blocks_per, is3d),
+                4,
+                lim["decode"](4, ctx1),
+            )
+        ]
     for name, seqs, tokens, limit_ms in cases:
         try:
             out = runner.run(seqs)
@@ -717,6 +937,8 @@ def run_tandem(
                 "limit_ms": limit_ms,
                 "tokens": tokens,
             }
+    if decode_only:
+        res.update(decode_ab(runner, cases, dev, tiny))
     if prefill_ab:  # the same prefill step with the Triton MoE GEMMs instead of grouped_mm
         import kernels.triton_impl.moe_grouped as grouped
 
@@ -986,6 +1208,14 @@ def main() -> int:
     ap.add_argument("--attention-sweep", action="store_true", help="time decode attention tiles")
     ap.add_argument("--skip-kernel-checks", action="store_true")
     ap.add_argument("--prefill-ab", action="store_true", help="prefill again with Triton MoE")
+    ap.add_argument(
+        "--decode-sweep", action="store_true", help="small-M GEMV and decode-MoE tile sweeps"
+    )
+    ap.add_argument(
+        "--decode-ab",
+        action="store_true",
+        help="decode b1/b4 only, graph-replayed with each new decode path on/off",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -1044,13 +1274,18 @@ def main() -> int:
         if args.attention_sweep:
             attention_sweep(dev, args.tiny)
             free(dev)
+        if args.decode_sweep:
+            gemv_sweep(dev, args.tiny)
+            free(dev)
+            moe_decode_sweep(dev, args.tiny)
+            free(dev)
     except Exception as e:
         traceback.print_exc()
         FAILURES.append(f"kernel checks crashed: {type(e).__name__}: {e}")
     cfg_dict = hf_config_dict(args.tiny)
     cfg = ModelConfig.from_dict(cfg_dict)
     RESULTS["tandem"] = run_tandem(
-        cfg, dev, dtype, shapes, args.tiny, args.profile, args.prefill_ab
+        cfg, dev, dtype, shapes, args.tiny, args.profile, args.prefill_ab, args.decode_ab
     )
     free(dev)
     log(f"[{time.perf_counter() - t_start:.0f} s elapsed]")

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from kernels._dispatch import dot_precision
 from kernels.moe import moe_align_block_size
+from kernels.triton_impl.gemv import fused_moe_decode
 from kernels.triton_impl.moe_grouped import fused_moe_grouped, use_grouped
 from kernels.triton_impl.moe_routing import ALIGN_MAX_ROWS, moe_align_triton, moe_combine_triton
 
@@ -42,6 +43,12 @@ MOE_TILES: list[tuple[int, MoeTiles]] = [
     (4096, MoeTiles(128, 128, 64, 8, 3)),  # T=2048: 1.170 ms (old 1.789)
     (1 << 62, MoeTiles(64, 256, 64, 8, 3)),  # T=8192: 3.235 ms (old 6.772)
 ]
+
+
+# Decode (at most this many tokens): per-(token, slot) GEMVs (kernels/triton_impl/gemv.py)
+# instead of the grouped GEMM, whose 16-row dot tiles leave 1.1-1.8 waves at T=1. 0 = off.
+# H100, 28B shapes: T=1 0.0660 vs 0.0772 ms/layer; T=2 0.116 vs 0.109 (grouped wins from 2).
+DECODE_MAX_TOKENS = 1
 
 
 def pick_tiles(num_tokens: int) -> MoeTiles:
@@ -182,6 +189,8 @@ def fused_moe_triton(
     if t == 0:
         return torch.zeros_like(x)
     explicit = tiles is not None or bool(block_m or block_n or block_k)
+    if not explicit and t <= DECODE_MAX_TOKENS:  # decode: no sort, two GEMV launches
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids.contiguous(), add=add)
     if not explicit and use_grouped(x, t * top_k):  # prefill: torch's Hopper grouped GEMM
         return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids, add=add)
     tiles = tiles or pick_tiles(t)

@@ -1,0 +1,286 @@
+"""Small-M linear (decode GEMV) and the decode MoE expert GEMVs, as weight streams.
+
+At decode a step multiplies 1-4 activation rows by every weight matrix once, so each layer is
+a pass over its weights. cuBLAS picks GEMM tiles for these and reaches ~1.9 TB/s on an H100;
+the Triton grouped MoE GEMM pads each expert's single row to a 16-row dot tile and has only
+144-240 programs for 132 SMs. Here each program owns a few weight rows (BLOCK_N) and streams
+them across K in BLOCK_K chunks with fp32 FMAs (no tensor cores: M is 1-4), reducing once at
+the end, so thousands of small programs keep the memory system busy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import next_pow2
+
+
+@dataclass(frozen=True)
+class GemvTiles:
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# (M, N, K) -> tiles, measured on an H100 (bench/gpu_bench.py --decode-ab); else the heuristic
+GEMV_TILES: dict[tuple[int, int, int], GemvTiles] = {}
+
+
+def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
+    """From the M=1 sweep at the 28B decode shapes on an H100 (bench/RESULTS.md, 2026-11-25):
+    up to ~4k rows, 4 rows x 1024 columns per program (7.3 us for 2560x2560 vs cuBLAS 8.1);
+    above, 8 x 512 (LM head 103424x2560: 179.5 us = 2.95 TB/s vs cuBLAS 195.2)."""
+    if n <= 4096:
+        return GemvTiles(4, min(1024, next_pow2(k)), 4, 3)
+    return GemvTiles(8, min(512, next_pow2(k)), 4, 3)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    M: tl.constexpr,
+    M_PAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]); one program = BLOCK_N rows of w, all M rows.
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, M_PAD)
+    mask_m = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once, at the end
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [M_PAD, BLOCK_K]
+        acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    acc = tl.sum(acc3, axis=2)  # [M_PAD, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def gemv_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    tiles: GemvTiles | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for x ``[M, K]`` with small M; weight ``[N, K]``."""
+    # M rows, K in, N out
+    m, k = x.shape
+    n, k_w = weight.shape
+    assert k_w == k and 1 <= m <= 8, (x.shape, weight.shape)
+    assert x.stride(1) == 1 and weight.stride(1) == 1, (x.stride(), weight.stride())
+    assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
+    if bias is not None:
+        assert bias.shape == (n,) and bias.is_contiguous(), bias.shape
+    tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
+        x,
+        weight,
+        weight if bias is None else bias,
+        y,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        M=m,
+        M_PAD=next_pow2(m),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return y
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode MoE: one GEMV per (token, slot) for gate/up, one per token over its k slots for down.
+
+
+@dataclass(frozen=True)
+class MoeDecodeTiles:
+    up_block_n: int = 4  # intermediate columns per program (gate and up rows each)
+    up_block_k: int = 512
+    down_block_n: int = 4  # hidden columns per program
+    down_block_k: int = 512
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+# T=1, 28B shapes, H100: 0.0660 ms/layer vs 0.0772 for the grouped GEMM (bench/RESULTS.md)
+MOE_DECODE_TILES = MoeDecodeTiles()
+
+
+@triton.jit
+def _moe_up_kernel(
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    h_ptr,
+    I,
+    D,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    TOPK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # h[r] = silu(w13[e][:I] @ x[t]) * (w13[e][I:] @ x[t]), r = t * TOPK + j, e = ids[r]
+    r = tl.program_id(0)
+    t = r // TOPK
+    e = tl.load(ids_ptr + r).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < I
+    g_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+    u_rows = g_rows + I * stride_wn
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        xk = tl.load(x_ptr + t * stride_xt + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        wmask = mask_n[:, None] & mask_k[None, :]
+        wg = tl.load(g_rows + offs_k[None, :], mask=wmask, other=0.0)
+        wu = tl.load(u_rows + offs_k[None, :], mask=wmask, other=0.0)
+        acc_g += wg.to(tl.float32) * xk[None, :]
+        acc_u += wu.to(tl.float32) * xk[None, :]
+    # round gate and up to the activation dtype first, as the unfused linear outputs are
+    gate = tl.sum(acc_g, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
+    up = tl.sum(acc_u, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_ptr + r.to(tl.int64) * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _moe_down_kernel(
+    h_ptr,
+    w_ptr,
+    ids_ptr,
+    topk_w_ptr,
+    add_ptr,
+    out_ptr,
+    D,
+    I,
+    stride_we,
+    stride_wn,
+    TOPK: tl.constexpr,
+    HAS_ADD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # out[t] = round(sum_j wt[t, j] * round(w2[e_j] @ h[t * TOPK + j])) (+ add[t], rounded)
+    t = tl.program_id(0).to(tl.int64)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < D
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        r = t * TOPK + j
+        e = tl.load(ids_ptr + r).to(tl.int64)
+        rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < I
+            hk = tl.load(h_ptr + r * I + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc += w.to(tl.float32) * hk[None, :]
+        y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
+        total += y * tl.load(topk_w_ptr + r)
+    out = total.to(out_ptr.dtype.element_ty)
+    if HAS_ADD:  # rounded like the unfused `moe_out + shared_out`
+        add = tl.load(add_ptr + t * D + offs_n, mask=mask_n, other=0.0)
+        out = (out.to(tl.float32) + add.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * D + offs_n, out, mask=mask_n)
+
+
+def fused_moe_decode(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    add: torch.Tensor | None = None,
+    tiles: MoeDecodeTiles | None = None,
+) -> torch.Tensor:
+    """Same contract as ``kernels.moe.fused_moe``, for a few tokens: no sort, no padding, two
+    launches, the k-way sum and the shared add fused into the down projection."""
+    # T tokens, k slots, D hidden, I intermediate, E experts
+    t, d = x.shape
+    e, two_i, _ = w13.shape
+    i = two_i // 2
+    top_k = topk_ids.shape[1]
+    assert w13.is_contiguous() and w2.is_contiguous() and w2.shape == (e, d, i), w2.shape
+    assert x.stride(1) == 1, x.stride()
+    assert topk_ids.is_contiguous() and topk_ids.dtype == torch.int32, topk_ids.dtype
+    assert topk_weights.is_contiguous() and topk_weights.dtype == torch.float32
+    assert topk_ids.shape == topk_weights.shape == (t, top_k), topk_ids.shape
+    if add is not None:
+        assert add.shape == (t, d) and add.is_contiguous() and add.dtype == x.dtype, add.shape
+    tiles = tiles or MOE_DECODE_TILES
+    out = torch.empty(t, d, dtype=x.dtype, device=x.device)  # [T, D]
+    if t == 0:
+        return out
+    h = torch.empty(t * top_k, i, dtype=x.dtype, device=x.device)  # [T*k, I]
+    _moe_up_kernel[(t * top_k, triton.cdiv(i, tiles.up_block_n))](
+        x,
+        w13,
+        topk_ids,
+        h,
+        i,
+        d,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        TOPK=top_k,
+        BLOCK_N=tiles.up_block_n,
+        BLOCK_K=tiles.up_block_k,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    _moe_down_kernel[(t, triton.cdiv(d, tiles.down_block_n))](
+        h,
+        w2,
+        topk_ids,
+        topk_weights,
+        out if add is None else add,
+        out,
+        d,
+        i,
+        w2.stride(0),
+        w2.stride(1),
+        TOPK=top_k,
+        HAS_ADD=add is not None,
+        BLOCK_N=tiles.down_block_n,
+        BLOCK_K=tiles.down_block_k,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return out

@@ -1,0 +1,91 @@
+"""Small-M GEMV and decode MoE GEMVs (kernels/triton_impl/gemv.py) vs torch, in the interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.triton_impl.moe as moe_impl
+from kernels import fused_moe, fused_moe_ref, route
+from kernels._dispatch import interpreting, triton_available
+from kernels.gemv import linear, use_gemv
+
+needs_triton = pytest.mark.skipif(
+    not (triton_available() and interpreting()), reason="needs triton and TRITON_INTERPRET=1"
+)
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref.double()).norm() / ref.double().norm())
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_matches_linear(m: int, dtype: torch.dtype, with_bias: bool) -> None:
+    from kernels.triton_impl.gemv import GemvTiles, gemv_triton
+
+    n, k = 37, 200  # neither a multiple of the tiles
+    x = torch.randn(m, k, dtype=dtype)
+    w = torch.randn(n, k, dtype=dtype) / k**0.5
+    b = torch.randn(n, dtype=dtype) if with_bias else None
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    for tiles in (None, GemvTiles(8, 64, 2), GemvTiles(4, 128, 4)):
+        got = gemv_triton(x, w, b, tiles)
+        assert got.shape == (m, n) and got.dtype == dtype
+        assert _rel(got, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@needs_triton
+def test_linear_dispatch_cpu_keeps_f_linear() -> None:
+    x, w = torch.randn(1, 16), torch.randn(8, 16)
+    assert not use_gemv(x, w) and use_gemv(x, w, impl="triton")
+    torch.testing.assert_close(linear(x, w), F.linear(x, w), rtol=0, atol=0)  # auto: torch
+    torch.testing.assert_close(linear(x, w, impl="triton"), F.linear(x, w), rtol=1e-6, atol=1e-6)
+    x5 = torch.randn(5, 16)  # above GEMV_MAX_M: F.linear even when triton is asked for
+    assert not use_gemv(x5, w, impl="triton")
+    torch.testing.assert_close(linear(x5, w, impl="triton"), F.linear(x5, w), rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("t", [1, 3])
+@pytest.mark.parametrize("with_add", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_moe_decode_matches_ref(t: int, with_add: bool, dtype: torch.dtype) -> None:
+    from kernels.triton_impl.gemv import MoeDecodeTiles, fused_moe_decode
+
+    e, k, d, i = 7, 3, 96, 40  # I, D not multiples of the tiles
+    x = torch.randn(t, d, dtype=dtype)
+    w13 = (torch.randn(e, 2 * i, d) / d**0.5).to(dtype)
+    w2 = (torch.randn(e, d, i) / i**0.5).to(dtype)
+    weights, ids = route(torch.randn(t, e), k)
+    add = torch.randn(t, d, dtype=dtype) if with_add else None
+    ref = fused_moe_ref(x, w13, w2, weights, ids)
+    ref = ref if add is None else ref + add
+    for tiles in (None, MoeDecodeTiles(16, 32, 8, 16, 2)):
+        got = fused_moe_decode(x, w13, w2, weights, ids, add=add, tiles=tiles)
+        assert got.shape == (t, d) and got.dtype == dtype
+        assert _rel(got, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@needs_triton
+def test_fused_moe_takes_decode_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = moe_impl.fused_moe_decode
+
+    def spy(*a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(a[0].shape[0])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(moe_impl, "fused_moe_decode", spy)
+    monkeypatch.setattr(moe_impl, "DECODE_MAX_TOKENS", 2)
+    e, k, d, i = 6, 2, 32, 16
+    w13, w2 = torch.randn(e, 2 * i, d) / 6, torch.randn(e, d, i) / 4
+    for t in (1, 2, 3):
+        x = torch.randn(t, d)
+        weights, ids = route(torch.randn(t, e), k)
+        got = fused_moe(x, w13, w2, weights, ids, impl="triton")
+        assert _rel(got, fused_moe_ref(x, w13, w2, weights, ids)) < 1e-5
+    assert calls == [1, 2]
