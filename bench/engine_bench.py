@@ -40,7 +40,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_bench import RESULTS, free, limits, param_budget, rooflines, sync
+from bench.gpu_bench import (
+    RESULTS,
+    build_hf_text_model,
+    free,
+    limits,
+    param_budget,
+    rooflines,
+    sync,
+)
 from engine.config import ModelConfig
 from engine.llm_engine import EngineArgs, LLMEngine
 from engine.models.ernie45_vl import Ernie45VLForConditionalGeneration
@@ -104,28 +112,6 @@ def run_tandem(engine: LLMEngine, batch: int, args: argparse.Namespace) -> Rate:
 
 
 # ----------------------------------------------------------------------------- HF
-def build_hf(raw: dict[str, Any], dev: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    """transformers' text model of `raw` (config.json contents), random weights on `dev`."""
-    from transformers import Ernie4_5_VLMoeConfig
-    from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import (
-        Ernie4_5_VLMoeTextModel,
-    )
-
-    tcfg = Ernie4_5_VLMoeConfig(**raw).text_config
-    with torch.device(dev):
-        hf = Ernie4_5_VLMoeTextModel._from_config(tcfg, dtype=dtype)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name and name.endswith("weight"):
-                p.fill_(1.0)
-            elif "e_score_correction_bias" in name:
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return hf.eval(), tcfg
-
-
 def new_cache(tcfg: Any) -> Any:
     from transformers import DynamicCache
 
@@ -222,7 +208,7 @@ def bench_hf(
 ) -> dict[int, Rate | str]:
     dev = torch.device(args.device)
     t = time.perf_counter()
-    hf, tcfg = build_hf(raw, dev, getattr(torch, args.dtype))
+    hf, tcfg = build_hf_text_model(raw, dev, getattr(torch, args.dtype))
     cfg = ModelConfig.from_dict(raw)
     print(f"HF text model built in {time.perf_counter() - t:.1f} s", flush=True)
     theirs: dict[int, Rate | str] = {}

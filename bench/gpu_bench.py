@@ -22,6 +22,7 @@ Full results go to ``$OUT/gpu_bench.json`` when ``$OUT`` is set (else /tmp).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -39,10 +40,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.config import ModelConfig
+from engine.configs import ERNIE_45_VL_28B_A3B
 from engine.layers.moe import Router
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import TextRotary
 from engine.model_runner import ModelRunner, StepSequence
+from engine.models import build_random_model
 from engine.models.ernie45 import Ernie45ForCausalLM
 
 RESULTS: dict[str, Any] = {"kernel_checks": {}, "tandem": {}, "hf": {}, "roof": {}, "notes": []}
@@ -645,51 +646,14 @@ def attention_sweep(dev: torch.device, tiny: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- configs
-# transformers' Ernie4_5_VLMoeConfig() defaults (the 28B-A3B shapes), for a box without it.
-FALLBACK_28B = {
-    "model_type": "ernie4_5_vl_moe",
-    "tie_word_embeddings": True,
-    "text_config": {
-        "vocab_size": 103424,
-        "hidden_size": 2560,
-        "intermediate_size": 12288,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 20,
-        "num_key_value_heads": 4,
-        "rms_norm_eps": 1e-05,
-        "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"},
-        "tie_word_embeddings": True,
-        "use_bias": False,
-        "moe_intermediate_size": [1536, 512],
-        "moe_k": 6,
-        "moe_num_experts": 64,
-        "moe_num_shared_experts": 2,
-        "moe_norm_min": 1e-12,
-        "mlp_layer_types": ["dense"] + ["sparse"] * 27,
-    },
-    "vision_config": {
-        "depth": 32,
-        "hidden_size": 1280,
-        "num_heads": 16,
-        "intermediate_size": 5120,
-        "hidden_act": "quick_gelu",
-        "patch_size": 14,
-        "in_channels": 3,
-        "spatial_merge_size": 2,
-        "temporal_merge_size": 2,
-        "rms_norm_eps": 1e-06,
-    },
-}
-
-
 def hf_config_dict(tiny: bool) -> dict[str, Any]:
     try:
         from transformers import Ernie4_5_VLMoeConfig
 
         d = Ernie4_5_VLMoeConfig().to_dict()
     except ImportError as e:
-        RESULTS["notes"].append(f"transformers config unavailable ({e}); built-in 28B shapes used")
-        d = json.loads(json.dumps(FALLBACK_28B))
+        RESULTS["notes"].append(f"transformers config unavailable ({e}); engine/configs.py used")
+        d = json.loads(json.dumps(ERNIE_45_VL_28B_A3B))
     if tiny:
         d["text_config"].update(
             vocab_size=1000,
@@ -766,30 +730,10 @@ def limits(budget: dict[str, float], roof: dict[str, Any]) -> dict[str, Callable
 
 # ----------------------------------------------------------------------------- Tandem
 def build_tandem(cfg: ModelConfig, dev: torch.device, dtype: torch.dtype) -> Ernie45ForCausalLM:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(dev):
-            model = Ernie45ForCausalLM(cfg.text)
-    finally:
-        torch.set_default_dtype(old)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, TextRotary):  # fp32 tables, as load_model makes them
-                module.inv_freq = torch.empty(module.head_dim // 2, dtype=torch.float32, device=dev)
-                module.reset_tables()
-            if isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
-        for name, p in model.named_parameters():
-            if name.endswith("e_score_correction_bias"):
-                p.zero_()
-            elif "norm" not in name:
-                p.normal_(0.0, 0.02, generator=gen)
-    for module in model.modules():
-        if isinstance(module, Router):
-            assert module.weight.dtype == torch.float32
-    return model.eval()
+    """The language model of `cfg` (no vision tower) with the engine's dummy weights."""
+    model = build_random_model(dataclasses.replace(cfg, vision=None), dtype, dev, seed=0)
+    assert isinstance(model, Ernie45ForCausalLM)
+    return model
 
 
 def seqs_decode(
@@ -1036,22 +980,17 @@ def profile_step(runner: ModelRunner, seqs: list[StepSequence], name: str) -> No
 
 
 # ----------------------------------------------------------------------------- HF baseline
-def run_hf(
-    cfg_dict: dict[str, Any],
-    dev: torch.device,
-    dtype: torch.dtype,
-    shapes: dict[str, Any],
-    tiny: bool,
-) -> dict[str, Any]:
-    import transformers
-    from transformers import DynamicCache, Ernie4_5_VLMoeConfig
+def build_hf_text_model(
+    cfg_dict: dict[str, Any], dev: torch.device, dtype: torch.dtype
+) -> tuple[Any, Any]:
+    """transformers' VL text model of `cfg_dict` with random N(0, 0.02) weights built on
+    `dev` in `dtype` (no fp32 copy), norms 1, score bias 0 — as Tandem's dummy weights."""
+    from transformers import Ernie4_5_VLMoeConfig
     from transformers.models.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe import (
         Ernie4_5_VLMoeTextModel,
     )
 
-    log(f"== HF transformers {transformers.__version__}: Ernie4_5_VLMoeTextModel + tied LM head")
     tcfg = Ernie4_5_VLMoeConfig(**cfg_dict).text_config
-    t0 = time.perf_counter()
     with torch.device(dev):
         hf = Ernie4_5_VLMoeTextModel._from_config(tcfg, dtype=dtype)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -1063,7 +1002,22 @@ def run_hf(
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02, generator=gen)
-    hf.eval()
+    return hf.eval(), tcfg
+
+
+def run_hf(
+    cfg_dict: dict[str, Any],
+    dev: torch.device,
+    dtype: torch.dtype,
+    shapes: dict[str, Any],
+    tiny: bool,
+) -> dict[str, Any]:
+    import transformers
+    from transformers import DynamicCache
+
+    log(f"== HF transformers {transformers.__version__}: Ernie4_5_VLMoeTextModel + tied LM head")
+    t0 = time.perf_counter()
+    hf, tcfg = build_hf_text_model(cfg_dict, dev, dtype)
     sync(dev)
     head = hf.embed_tokens.weight
     info = {
