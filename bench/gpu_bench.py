@@ -14,6 +14,7 @@ One run does everything (see bench/RESULTS.md for the numbers and the card they 
 
     PYTHONUNBUFFERED=1 python3 bench/gpu_bench.py            # on a CUDA machine
     ... --moe-sweep --attention-sweep   # tile sweeps behind kernels' tile tables
+    ... --no-hf --skip-kernel-checks --decode-tiles-ab   # decode MoE warps / T bound, b1-b4
     TRITON_INTERPRET=1 python3 bench/gpu_bench.py --tiny     # logic check on CPU, tiny config
 
 Full results go to ``$OUT/gpu_bench.json`` when ``$OUT`` is set (else /tmp).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -594,6 +596,211 @@ def decode_ab(runner: ModelRunner, cases: list, dev: torch.device, tiny: bool) -
     return res
 
 
+# (label, MoeDecodeTiles.num_warps, DECODE_MAX_TOKENS); the first is the old default (4 warps,
+# decode GEMVs at T=1 only), the A/B baseline every other variant's logits are compared with.
+DECODE_TILES_VARIANTS = [
+    ("4w T<=1 (old)", 4, 1),
+    ("2w T<=1", 2, 1),
+    ("2w T<=4", 2, 4),
+    ("4w T<=4", 4, 4),
+]
+
+
+def decode_tiles_check(dev: torch.device, tiny: bool) -> None:
+    """Decode MoE GEMVs at 2 and 4 warps vs the fp32 torch reference at T=1/2/4 (28B shapes),
+    through ``fused_moe_decode`` and through ``kernels.fused_moe`` with the decode path taken
+    up to T=4; then ms per layer (graph replay): grouped GEMM vs decode GEMVs at 4 / 2 warps."""
+    import kernels
+    import kernels.triton_impl.moe as km
+    from kernels.moe import fused_moe_ref, route
+    from kernels.triton_impl import gemv as gv
+
+    e, d, inter, k = (8, 256, 128, 2) if tiny else (64, 2560, 1536, 6)
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float16
+    g = torch.Generator(device="cpu").manual_seed(77)
+    w13 = (torch.randn(e, 2 * inter, d, generator=g) * 0.02).to(dt).to(dev)
+    w2 = (torch.randn(e, d, inter, generator=g) * 0.02).to(dt).to(dev)
+    base = gv.MOE_DECODE_TILES
+    keep_max = km.DECODE_MAX_TOKENS
+    log(f"== decode MoE GEMVs: checks and ms per layer (E={e} D={d} I={inter} top{k}, {dt})")
+    out: dict[str, Any] = {}
+    try:
+        for t in (1, 2, 4):
+            x = torch.randn(t, d, generator=g).to(dt).to(dev)
+            wts, ids = route(torch.randn(t, e, generator=g).to(dev), k)
+            add = torch.randn(t, d, generator=g).to(dt).to(dev)
+            ref = fused_moe_ref(x.float(), w13.float(), w2.float(), wts, ids) + add.float()
+            row: dict[str, Any] = {}
+            for warps in (4, 2):
+                tiles = dataclasses.replace(base, num_warps=warps)
+                got = gv.fused_moe_decode(x, w13, w2, wts, ids, add=add, tiles=tiles)
+                _err(f"moe decode T={t} {warps} warps", got, ref, 1e-2)
+                call = functools.partial(
+                    gv.fused_moe_decode, x, w13, w2, wts, ids, add=add, tiles=tiles
+                )
+                row[f"decode {warps}w"] = _graph_ms(call, dev, 50)
+            # the dispatcher with the decode path up to T=4 (what the model calls)
+            km.DECODE_MAX_TOKENS = 4
+            gv.MOE_DECODE_TILES = dataclasses.replace(base, num_warps=2)
+            got = kernels.fused_moe(x, w13, w2, wts, ids, add=add)
+            _err(f"fused_moe T={t} (T<=4 decode, 2w)", got, ref, 1e-2)
+            km.DECODE_MAX_TOKENS = 0
+            call = functools.partial(kernels.fused_moe, x, w13, w2, wts, ids, add=add)
+            row["grouped"] = _graph_ms(call, dev, 50)
+            km.DECODE_MAX_TOKENS, gv.MOE_DECODE_TILES = keep_max, base
+            log(f"  T={t}: " + ", ".join(f"{c} {v:.4f} ms" for c, v in row.items()))
+            out[str(t)] = row
+    finally:
+        km.DECODE_MAX_TOKENS, gv.MOE_DECODE_TILES = keep_max, base
+    RESULTS["decode_tiles_layer"] = out
+
+
+def decode_tiles_ab(
+    runner: ModelRunner, cases: list, dev: torch.device, tiny: bool, rounds: int = 6
+) -> dict[str, Any]:
+    """Full decode steps (b1/b2/b4) per decode-MoE variant (DECODE_TILES_VARIANTS): each
+    variant's graphs are captured once into their own pool and kept; then `rounds` rounds
+    time every variant in turn (order rotated per round), as runner.run (the step the
+    scheduler sees: host packing + graph replay) and as the bare graph replay. Reports the
+    median over rounds of each round's median, the spread over rounds, and |logits - old|."""
+    import kernels.triton_impl.moe as km
+    from kernels.triton_impl import gemv as gv
+
+    g = runner.graphs
+    assert g is not None, "needs the runner's decode graphs"
+    keep = (gv.MOE_DECODE_TILES, km.DECODE_MAX_TOKENS, g.graphs, g.make_graph)
+    base_tiles = gv.MOE_DECODE_TILES
+    names = [v[0] for v in DECODE_TILES_VARIANTS]
+
+    def use(v: tuple[str, int, int]) -> None:  # the globals matter at capture (and on CPU)
+        gv.MOE_DECODE_TILES = dataclasses.replace(base_tiles, num_warps=v[1])
+        km.DECODE_MAX_TOKENS = v[2]
+
+    cases = [c for c in cases if c[0].startswith("decode")]
+    store: dict[str, dict] = {}
+    logits: dict[tuple[str, str], torch.Tensor] = {}
+    eager: dict[tuple[str, str], torch.Tensor] = {}
+    res: dict[str, Any] = {}
+    log(
+        f"== decode MoE tiles A/B in the full step ({rounds} rounds; variants: "
+        + "; ".join(
+            f"{n} = {w} warps, decode GEMVs for T <= {m}" for n, w, m in DECODE_TILES_VARIANTS
+        )
+        + ")"
+    )
+    try:
+        for v in DECODE_TILES_VARIANTS:  # capture every variant's graphs once
+            use(v)
+            if dev.type == "cuda":
+                from engine.cuda_graphs import CudaStepGraph
+
+                g.make_graph = functools.partial(CudaStepGraph, torch.cuda.graph_pool_handle())
+            g.graphs = {}
+            for name, seqs, _, _ in cases:
+                logits[(v[0], name)] = torch.cat(runner.run(seqs)).float().clone()
+                runner.graphs = None  # the same step eagerly, with this variant's kernels
+                try:
+                    eager[(v[0], name)] = torch.cat(runner.run(seqs)).float().clone()
+                finally:
+                    runner.graphs = g
+            store[v[0]] = g.graphs
+        iters = 3 if tiny else 40
+        times: dict[tuple[str, str], dict[str, list[float]]] = {}
+        for name, seqs, _, _ in cases:
+            b = g.bucket(len(seqs))
+            assert b is not None, len(seqs)
+            for r in range(rounds):
+                order = (
+                    DECODE_TILES_VARIANTS[r % len(names) :]
+                    + DECODE_TILES_VARIANTS[: r % len(names)]
+                )
+                parts = []
+                for v in order:
+                    use(v)
+                    g.graphs = store[v[0]]
+                    runner.run(seqs)  # the static inputs of this case, then time
+                    step = bench(functools.partial(runner.run, seqs), dev, 3, iters)["median_ms"]
+                    graph = g.graphs[b][0]
+                    with torch.inference_mode():  # CPU stand-in replays run the model
+                        rep = bench(graph.replay, dev, 3, iters)["median_ms"]
+                    tt = times.setdefault((v[0], name), {"step": [], "replay": []})
+                    tt["step"].append(step)
+                    tt["replay"].append(rep)
+                    parts.append(f"{v[0]} {step:.3f}/{rep:.3f}")
+                log(f"  {name} round {r + 1}: " + ", ".join(parts) + "  (step/replay ms)")
+        for name, _, tokens, _ in cases:
+            ref = logits[(names[0], name)]
+            ref_eager = eager[(names[0], name)]
+            old = times[(names[0], name)]
+            for n in names:
+                tt = times[(n, name)]
+                lg = logits[(n, name)]
+                diff = float((lg - ref).abs().max())
+                finite = bool(torch.isfinite(lg).all())
+                row = {
+                    "step_ms": statistics.median(tt["step"]),
+                    "step_min_round": min(tt["step"]),
+                    "step_max_round": max(tt["step"]),
+                    "replay_ms": statistics.median(tt["replay"]),
+                    "replay_min_round": min(tt["replay"]),
+                    "replay_max_round": max(tt["replay"]),
+                    "rounds_step": tt["step"],
+                    "rounds_replay": tt["replay"],
+                    # per round (variant - old), both timed back to back: the paired change
+                    "step_vs_old_ms": statistics.median(
+                        [x - y for x, y in zip(tt["step"], old["step"], strict=True)]
+                    ),
+                    "replay_vs_old_ms": statistics.median(
+                        [x - y for x, y in zip(tt["replay"], old["replay"], strict=True)]
+                    ),
+                    "max_abs_dlogits_vs_old": diff,
+                    "max_abs_dlogits_graph_vs_eager": float((lg - eager[(n, name)]).abs().max()),
+                    "max_abs_dlogits_eager_vs_old_eager": float(
+                        (eager[(n, name)] - ref_eager).abs().max()
+                    ),
+                    "logit_scale": float(ref.abs().max()),
+                    "finite": finite,
+                    "tokens": tokens,
+                    "median_ms": statistics.median(tt["step"]),
+                    "min_ms": min(tt["step"]),
+                    "max_ms": max(tt["step"]),
+                    "tok_s": tokens / (statistics.median(tt["step"]) * 1e-3),
+                }
+                res[f"{name} [{n}]"] = row
+                if not finite:
+                    FAILURES.append(f"{name} [{n}]: non-finite logits")
+                if diff > 1.0:
+                    RESULTS["notes"].append(f"{name} [{n}]: |dlogits| vs old {diff:.3f} > 1.0")
+        lines = [
+            "== decode MoE tiles A/B summary: ms, median over rounds (min-max of round medians)",
+            "| case | variant | step (runner.run) | vs old (paired) | graph replay "
+            "| vs old (paired) | max abs dlogits vs old | eager vs old eager | graph vs eager |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, _, _, _ in cases:
+            for n in names:
+                r_ = res[f"{name} [{n}]"]
+                lines.append(
+                    f"| {name} | {n} | {r_['step_ms']:.3f} ({r_['step_min_round']:.3f}-"
+                    f"{r_['step_max_round']:.3f}) | {r_['step_vs_old_ms']:+.3f} | "
+                    f"{r_['replay_ms']:.3f} ({r_['replay_min_round']:.3f}-"
+                    f"{r_['replay_max_round']:.3f}) | {r_['replay_vs_old_ms']:+.3f} | "
+                    f"{r_['max_abs_dlogits_vs_old']:.3f} (scale {r_['logit_scale']:.2f}) | "
+                    f"{r_['max_abs_dlogits_eager_vs_old_eager']:.3f} | "
+                    f"{r_['max_abs_dlogits_graph_vs_eager']:.3f} |"
+                )
+        RESULTS["decode_tiles_summary"] = lines
+        log("\n" + "\n".join(lines))
+    finally:
+        gv.MOE_DECODE_TILES, km.DECODE_MAX_TOKENS = keep[0], keep[1]
+        _KEPT.append(store)  # the variants' graphs stay alive (see decode_ab)
+        g.graphs, g.make_graph = keep[2], keep[3]  # the runner's own graphs again
+    return res
+
+
+_KEPT: list[Any] = []  # captured graphs outlive their A/B: freeing them trips the allocator
+
+
 def attention_sweep(dev: torch.device, tiny: bool) -> None:
     """Decode attention per (batch, context) and (BLOCK_N, warps), block tables as wide as the
     runner's CUDA graphs make them (8192 blocks), graph-replayed like the decode step."""
@@ -780,6 +987,7 @@ def run_tandem(
     profile: bool = False,
     prefill_ab: bool = False,
     decode_only: bool = False,
+    decode_tiles: bool = False,
 ) -> dict[str, Any]:
     log("== Tandem: building the text model on the device (random weights)")
     t0 = time.perf_counter()
@@ -850,6 +1058,16 @@ def run_tandem(
                 lim["decode"](4, ctx1),
             )
         ]
+    if decode_tiles:  # --decode-tiles-ab: decode b1, b2, b4 at the b1 context
+        cases = [
+            (
+                f"decode b{b} ctx{ctx1}",
+                seqs_decode(b, ctx1, vocab, blocks_per, is3d),
+                b,
+                lim["decode"](b, ctx1),
+            )
+            for b in (1, 2, 4)
+        ]
     for name, seqs, tokens, limit_ms in cases:
         try:
             out = runner.run(seqs)
@@ -883,6 +1101,12 @@ def run_tandem(
             }
     if decode_only:
         res.update(decode_ab(runner, cases, dev, tiny))
+    if decode_tiles:
+        try:
+            res.update(decode_tiles_ab(runner, cases, dev, tiny))
+        except Exception as e:
+            traceback.print_exc()
+            FAILURES.append(f"decode tiles A/B: {type(e).__name__}: {e}")
     if prefill_ab:  # the same prefill step with the Triton MoE GEMMs instead of grouped_mm
         import kernels.triton_impl.moe_grouped as grouped
 
@@ -1170,6 +1394,11 @@ def main() -> int:
         action="store_true",
         help="decode b1/b4 only, graph-replayed with each new decode path on/off",
     )
+    ap.add_argument(
+        "--decode-tiles-ab",
+        action="store_true",
+        help="decode MoE GEMVs at 4/2 warps and T<=1/4: checks, per layer, full step b1/b2/b4",
+    )
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
@@ -1233,13 +1462,24 @@ def main() -> int:
             free(dev)
             moe_decode_sweep(dev, args.tiny)
             free(dev)
+        if args.decode_tiles_ab:
+            decode_tiles_check(dev, args.tiny)
+            free(dev)
     except Exception as e:
         traceback.print_exc()
         FAILURES.append(f"kernel checks crashed: {type(e).__name__}: {e}")
     cfg_dict = hf_config_dict(args.tiny)
     cfg = ModelConfig.from_dict(cfg_dict)
     RESULTS["tandem"] = run_tandem(
-        cfg, dev, dtype, shapes, args.tiny, args.profile, args.prefill_ab, args.decode_ab
+        cfg,
+        dev,
+        dtype,
+        shapes,
+        args.tiny,
+        args.profile,
+        args.prefill_ab,
+        args.decode_ab,
+        args.decode_tiles_ab,
     )
     free(dev)
     log(f"[{time.perf_counter() - t_start:.0f} s elapsed]")
@@ -1258,6 +1498,8 @@ def main() -> int:
     (out_dir / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
     log("\n== summary (times are per step, median; ratios are time ratios, <1 = faster)")
     log(table())
+    if RESULTS.get("decode_tiles_summary"):
+        log("\n".join(RESULTS["decode_tiles_summary"]))
     for note in RESULTS["notes"]:
         log("note:", note)
     if FAILURES:

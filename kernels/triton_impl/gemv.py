@@ -130,11 +130,14 @@ class MoeDecodeTiles:
     up_block_k: int = 512
     down_block_n: int = 4  # hidden columns per program
     down_block_k: int = 512
-    num_warps: int = 4
+    num_warps: int = 2
     num_stages: int = 3
 
 
-# T=1, 28B shapes, H100: 0.0660 ms/layer vs 0.0772 for the grouped GEMM (bench/RESULTS.md)
+# 28B shapes, H100 (bench/RESULTS.md, 2026-11-25 session 2): 2 warps beat 4 at T=1/2/4
+# (0.059-0.061 vs 0.069-0.077 ms/layer at T=1) and, unlike 4 warps, the grouped GEMM at T=2/4.
+# Full decode step, graph replay: b1 3.76 -> 3.61 ms (same logits); b2 -0.28, b4 -0.10 ms
+# with DECODE_MAX_TOKENS = 4 (4 warps there would cost +0.17 / +0.40 ms).
 MOE_DECODE_TILES = MoeDecodeTiles()
 
 

@@ -47,8 +47,9 @@ MOE_TILES: list[tuple[int, MoeTiles]] = [
 
 # Decode (at most this many tokens): per-(token, slot) GEMVs (kernels/triton_impl/gemv.py)
 # instead of the grouped GEMM, whose 16-row dot tiles leave 1.1-1.8 waves at T=1. 0 = off.
-# H100, 28B shapes: T=1 0.0660 vs 0.0772 ms/layer; T=2 0.116 vs 0.109 (grouped wins from 2).
-DECODE_MAX_TOKENS = 1
+# H100, 28B shapes, 2-warp GEMVs vs grouped, ms/layer: T=1 0.059 vs 0.069, T=2 0.096 vs 0.100,
+# T=4 0.182 vs 0.185; full decode step (graph replay): b2 5.36 -> 5.07 ms, b4 7.39 -> 7.28.
+DECODE_MAX_TOKENS = 4
 
 
 def pick_tiles(num_tokens: int) -> MoeTiles:
