@@ -72,6 +72,10 @@ class LLM:
         self.media = MediaProcessor(MediaConfig.from_mm_processor_kwargs(mm_processor_kwargs or {}))
         self._ids = itertools.count()
 
+    def close(self) -> None:
+        """Stop tensor-parallel workers (`tensor_parallel_size` > 1); also done at exit."""
+        self.engine.shutdown()
+
     def generate(
         self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | None = None
     ) -> list[GenerationResult]:

@@ -9,6 +9,7 @@ threaded: a server drives it from one thread.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,12 @@ from engine.kv_cache import KVCacheManager
 from engine.model_runner import ModelRunner, StepSequence
 from engine.models import ErnieModel, build_random_model, load_model
 from engine.multimodal import MediaInput, PreparedPrompt, prepare_prompt
+from engine.parallel import check_tp_size, use_tp
 from engine.request import Request, RequestOutput, RequestStatus
 from engine.sampler import RequestSamplingState, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
+from engine.tp_executor import TPModelRunner, TPWorkers, tp_devices
 
 AfterLayer = Callable[[ScheduledStep, int], None]
 """Called with the step's plan once layer i's KV is in the cache (KV streaming)."""
@@ -58,10 +61,17 @@ class EngineArgs:
     tokenizer beside the config the engine takes token ids only."""
     quantization: str | None = None
     """Weight-only quantization of the decoder layers at load: "wint8", "wint4" or None."""
+    tensor_parallel_size: int = 1
+    """Ranks the model is split over (engine/parallel.py): consecutive GPUs from `device`,
+    or CPU processes on the CPU. Rank 0 runs in this process, the others are workers."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', not {self.load_format!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(
+                f"tensor_parallel_size must be at least 1, not {self.tensor_parallel_size}"
+            )
 
 
 def resolve_model_path(name: str, source: str | None = None) -> Path:
@@ -109,26 +119,52 @@ def _tokenizer(path: Path | None, required: bool) -> Tokenizer | TokenIdsOnly:
     return TokenIdsOnly()
 
 
+def _config(args: EngineArgs) -> tuple[Path | None, ModelConfig]:
+    """(model directory or None, config) as `args.load_format` says; reads no weights."""
+    if args.load_format == "auto":
+        path = resolve_model_path(args.model, args.model_source)
+        return path, ModelConfig.from_dir(path)
+    named = named_config(args.model)
+    if named is not None:
+        return None, ModelConfig.from_dict(named)
+    if (Path(args.model) / "config.json").is_file():
+        return Path(args.model), ModelConfig.from_dir(Path(args.model))
+    raise ValueError(
+        f"load_format='dummy' takes a named config ({', '.join(NAMED_CONFIGS)}) or a "
+        f"directory holding config.json, not {args.model!r}"
+    )
+
+
 def _load(
     args: EngineArgs, dtype: torch.dtype, device: torch.device
 ) -> tuple[Path | None, ErnieModel, ModelConfig]:
-    """(model directory or None, model, config) as `args.load_format` says."""
+    """(model directory or None, model, config) as `args.load_format` says. Inside
+    `engine.parallel.use_tp` the model is that rank's slice."""
+    dir_, cfg = _config(args)
     if args.load_format == "auto":
-        path = resolve_model_path(args.model, args.model_source)
-        return (path, *load_model(path, dtype, device, args.quantization))
-    named = named_config(args.model)
-    if named is not None:
-        cfg, dir_ = ModelConfig.from_dict(named), None
-    elif (Path(args.model) / "config.json").is_file():
-        dir_ = Path(args.model)
-        cfg = ModelConfig.from_dir(dir_)
-    else:
-        raise ValueError(
-            f"load_format='dummy' takes a named config ({', '.join(NAMED_CONFIGS)}) or a "
-            f"directory holding config.json, not {args.model!r}"
-        )
+        assert dir_ is not None
+        return (dir_, *load_model(dir_, dtype, device, args.quantization))
     model = build_random_model(cfg, dtype, device, args.seed, quantization=args.quantization)
     return dir_, model, cfg
+
+
+def _max_model_len(args: EngineArgs, cfg: ModelConfig) -> int:
+    limit = cfg.text.max_position_embeddings
+    return min(args.max_model_len or limit, limit)
+
+
+def _runner(
+    args: EngineArgs, model: ErnieModel, cfg: ModelConfig, num_blocks: int, device: torch.device
+) -> ModelRunner:
+    return ModelRunner(model, cfg, num_blocks, args.block_size, getattr(torch, args.dtype), device)
+
+
+def load_for_rank(
+    args: EngineArgs, num_blocks: int, device: torch.device
+) -> tuple[ModelRunner, ModelConfig]:
+    """A tensor-parallel worker's runner (called inside `use_tp`)."""
+    _, model, cfg = _load(args, getattr(torch, args.dtype), device)
+    return _runner(args, model, cfg, num_blocks, device), cfg
 
 
 class LLMEngine:
@@ -136,18 +172,17 @@ class LLMEngine:
         self.args = args
         self.device = torch.device(args.device)
         self.dtype = getattr(torch, args.dtype)
-        self.path, self.model, self.model_config = _load(args, self.dtype, self.device)
+        self.runner: ModelRunner | TPModelRunner
+        if args.tensor_parallel_size == 1:
+            self.path, self.model, self.model_config = _load(args, self.dtype, self.device)
+            self.max_model_len = _max_model_len(args, self.model_config)
+            num_blocks = args.num_kv_blocks or self._default_num_blocks()
+            self.runner = _runner(args, self.model, self.model_config, num_blocks, self.device)
+        else:
+            num_blocks = self._start_tensor_parallel(args)
         self.tokenizer = _tokenizer(self.path, required=args.load_format == "auto")
         self.chat_template = ChatTemplate.from_dir(self.path) if self.path else ChatTemplate()
-        cfg = self.model_config.text
-        self.max_model_len = min(
-            args.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings
-        )
-        num_blocks = args.num_kv_blocks or self._default_num_blocks()
         self.kv = KVCacheManager(args.block_size, num_blocks, args.enable_prefix_caching)
-        self.runner = ModelRunner(
-            self.model, self.model_config, num_blocks, args.block_size, self.dtype, self.device
-        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill
@@ -161,6 +196,33 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self.think_end_id = self.tokenizer.token_to_id("</think>")
         self.think_start_id = self.tokenizer.token_to_id("<think>")
+
+    def _start_tensor_parallel(self, args: EngineArgs) -> int:
+        """Check the split, start ranks 1..N-1, load rank 0 here; the number of blocks."""
+        _, cfg = _config(args)
+        t = cfg.text
+        check_tp_size(t.num_heads, t.num_kv_heads, args.tensor_parallel_size)
+        devices = tp_devices(args.device, args.tensor_parallel_size)
+        self.max_model_len = _max_model_len(args, cfg)
+        num_blocks = args.num_kv_blocks or self._default_num_blocks()
+        workers = TPWorkers(args, num_blocks, devices)
+        try:
+            tp = workers.connect(devices[0])
+            with use_tp(tp):
+                self.path, self.model, self.model_config = _load(args, self.dtype, self.device)
+            workers.wait_ready()
+            runner = _runner(args, self.model, self.model_config, num_blocks, self.device)
+        except BaseException:
+            workers.stop()
+            raise
+        self.runner = TPModelRunner(runner, self.model_config, tp, workers)
+        self._finalizer = weakref.finalize(self, workers.stop)
+        return num_blocks
+
+    def shutdown(self) -> None:
+        """Stop tensor-parallel workers (none with one rank). Idempotent."""
+        if isinstance(self.runner, TPModelRunner):
+            self.runner.shutdown()
 
     def _default_num_blocks(self) -> int:
         per_seq = -(-min(self.max_model_len, 4096) // self.args.block_size)
@@ -279,7 +341,14 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ stepping
 
-    def step(self, after_layer: AfterLayer | None = None) -> list[RequestOutput]:
+    def step(
+        self,
+        after_layer: AfterLayer | None = None,
+        before_run: Callable[[ScheduledStep], list[int]] | None = None,
+    ) -> list[RequestOutput]:
+        """One scheduled step. `before_run(plan)` returns the KV blocks `after_layer` will
+        read at every layer (a tensor-parallel runner gathers their heads from every rank
+        first)."""
         plan = self.scheduler.schedule()
         self.last_preempted = plan.preempted
         if plan.is_empty:
@@ -287,8 +356,9 @@ class LLMEngine:
         seqs = [
             self._step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
         ]
+        export = before_run(plan) if before_run is not None else None
         hook = None if after_layer is None else (lambda i: after_layer(plan, i))
-        logits = self.runner.run(seqs, hook)
+        logits = self.runner.run(seqs, hook, export)
         done = [
             (r, n)
             for r, n, lg in zip(plan.requests, plan.num_tokens, logits, strict=True)

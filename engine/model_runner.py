@@ -15,7 +15,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, EagerStepGraph
-from engine.layers.attention import AttentionMetadata, KVCache
+from engine.layers.attention import AttentionMetadata, KVCache, PagedAttention
 from engine.models import ErnieModel
 
 
@@ -60,7 +60,12 @@ class ModelRunner:
         self.block_size, self.num_blocks = block_size, num_blocks
         self.dtype, self.device = dtype, device
         t = cfg.text
-        shape = (num_blocks, block_size, t.num_kv_heads, t.head_dim)
+        # this rank's KV heads (all of them without tensor parallelism)
+        kv_heads = next(
+            (m.num_kv_heads for m in model.modules() if isinstance(m, PagedAttention)),
+            t.num_kv_heads,
+        )
+        shape = (num_blocks, block_size, kv_heads, t.head_dim)
         self.kv_caches: list[KVCache] = [
             (
                 torch.zeros(shape, dtype=dtype, device=device),
@@ -96,13 +101,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(
-        self, seqs: list[StepSequence], after_layer: Callable[[int], None] | None = None
+        self,
+        seqs: list[StepSequence],
+        after_layer: Callable[[int], None] | None = None,
+        export_blocks: list[int] | None = None,
     ) -> list[torch.Tensor]:
         """Run the step; return per sequence the logits `[k, V]` it asked for (k may be 0).
 
         `after_layer(i)` is called once layer i's KV is in the cache (KV streaming). Pure
         decode steps without it replay a CUDA graph (logits then view the graph's output
-        buffer: consume them before the next step)."""
+        buffer: consume them before the next step). `export_blocks`: the blocks the hook
+        reads (a tensor-parallel runner gathers them; here they are in this cache)."""
         if after_layer is None and self._graphable(seqs):
             return self._run_graph(seqs)
         dev = self.device

@@ -140,4 +140,7 @@ def serve(config: PrefillServiceConfig) -> int:
             lambda: loop.is_alive, grace_s=config.grace_s, on_stop=on_stop
         )
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()  # tensor-parallel workers, if any

@@ -196,7 +196,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "--tensor-parallel-size",
         type=_positive_int,
         default=1,
-        help="GPUs per model replica (only 1 is supported in this build)",
+        help="ranks the model is split over: consecutive GPUs from --device (prefill and "
+        "decode each take that many), or CPU processes on the CPU; heads and intermediate "
+        "sizes must divide (default: %(default)s)",
     )
     g.add_argument(
         "--quantization",
@@ -255,16 +257,18 @@ def _add_media_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-class UnsupportedOption(ValueError):
-    """A FastDeploy option this build accepts on the command line but cannot honour."""
+def check_tensor_parallel(args: argparse.Namespace, model_path: Path, device: str) -> None:
+    """Refuse a split the model's shapes or this machine cannot take, before anything
+    starts (ValueError naming the reason)."""
+    if args.tensor_parallel_size == 1:
+        return
+    from engine.config import ModelConfig
+    from engine.parallel import check_tp_size
+    from engine.tp_executor import tp_devices
 
-
-def check_supported(args: argparse.Namespace) -> None:
-    if args.tensor_parallel_size > 1:
-        raise UnsupportedOption(
-            f"--tensor-parallel-size {args.tensor_parallel_size}: tensor parallelism is not "
-            "supported yet; this build serves on one device (use --tensor-parallel-size 1)"
-        )
+    t = ModelConfig.from_dir(model_path).text
+    check_tp_size(t.num_heads, t.num_kv_heads, args.tensor_parallel_size)
+    tp_devices(device, args.tensor_parallel_size)
 
 
 def gateway_config(args: argparse.Namespace) -> GatewayConfig:
@@ -333,7 +337,6 @@ async def _serve_all(servers: list[_Server | GrpcServer]) -> None:
 
 def serve(args: argparse.Namespace) -> int:
     """Load the model (or start the services), then serve until SIGINT/SIGTERM."""
-    check_supported(args)
     config = gateway_config(args)
     if os.environ.get(ENV_KVCACHE_SCHEDULER) is not None:
         log.info(
@@ -348,9 +351,10 @@ def serve(args: argparse.Namespace) -> int:
     from tandem.local_backend import LocalBackend
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
+    path = resolve_model_path(args.model, args.model_source)
+    check_tensor_parallel(args, path, device)
     if not args.colocate:
-        path = resolve_model_path(args.model, args.model_source)
-        reason = launch.disaggregation_blocker(path, device)
+        reason = launch.disaggregation_blocker(path, device, args.tensor_parallel_size)
         if reason is None:
             tokenizer, template = Tokenizer.from_dir(path), ChatTemplate.from_dir(path)
             launch.kill_tree_on_exit()
@@ -401,7 +405,6 @@ def run_service(args: argparse.Namespace) -> int:
         from vision_svc.server import serve_from_args
 
         return serve_from_args(args)
-    check_supported(args)
     from tandem import launch
 
     device, dtype = _device_and_dtype(args.device, args.dtype)
@@ -422,9 +425,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return serve(args) if args.command == "serve" else run_service(args)
-    except UnsupportedOption as exc:
-        print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     except (ValueError, RuntimeError) as exc:  # bad flags, unknown model, a service failed

@@ -49,6 +49,7 @@ def engine_args(args: argparse.Namespace, device: str, dtype: str) -> EngineArgs
         block_size=getattr(args, "block_size", 16),
         num_kv_blocks=getattr(args, "num_kv_blocks", None),
         quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 
@@ -67,21 +68,23 @@ def run_engine_service(role: str, args: argparse.Namespace, device: str, dtype: 
     return serve_decode(DecodeServiceConfig(eargs, address, args.kv_bind, args.kv_advertise_host))
 
 
-def disaggregation_blocker(model_path: Path, device: str) -> str | None:
-    """Why prefill and decode cannot both load the model here (None = they can)."""
+def disaggregation_blocker(model_path: Path, device: str, tp: int = 1) -> str | None:
+    """Why prefill and decode cannot both load the model here (None = they can). Each
+    takes `tp` GPUs: its own when there are 2*tp, else the same ones (each GPU then
+    holds a 1/tp slice of the weights twice)."""
     if not device.startswith("cuda"):
         return None
     import torch
 
-    if torch.cuda.device_count() > 1:
+    if torch.cuda.device_count() >= 2 * tp:
         return None
     weights = sum(f.stat().st_size for f in model_path.glob("*.safetensors"))
     total = torch.cuda.get_device_properties(0).total_memory
-    if 2 * weights <= 0.8 * total:
+    if 2 * weights / tp <= 0.8 * total:
         return None
     return (
-        f"prefill and decode each load the model ({weights / 2**30:.1f} GiB of weights), "
-        f"which does not fit twice on this single {total / 2**30:.0f} GiB GPU; "
+        f"prefill and decode each load the model ({weights / 2**30:.1f} GiB of weights over "
+        f"{tp} GPU(s)), which does not fit twice on {tp} GPU(s) of {total / 2**30:.0f} GiB; "
         "serving colocated (one engine, prefill and decode in one process)"
     )
 
@@ -153,6 +156,8 @@ def _engine_flags(args: argparse.Namespace, device: str, dtype: str) -> list[str
         flags += ["--max-model-len", str(args.max_model_len)]
     if args.quantization:
         flags += ["--quantization", args.quantization]
+    if args.tensor_parallel_size > 1:
+        flags += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
     return flags
 
 
@@ -172,7 +177,8 @@ def serve_disaggregated(
         "vision": args.vision_port or free_port(),
     }
     use_vision = not args.no_vision_service and _vision_available()
-    decode_device = "cuda:1" if device == "cuda" and _num_gpus() > 1 else device
+    tp = args.tensor_parallel_size  # decode gets its own GPUs when there are enough
+    decode_device = f"cuda:{tp}" if device == "cuda" and _num_gpus() >= 2 * tp else device
     children = Children()
     try:
         common = ["--host", "127.0.0.1"]

@@ -137,6 +137,8 @@ class LocalBackend:
         if self._thread.is_alive():
             self._inbox.put(_Stop())
             self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            self.engine.shutdown()  # tensor-parallel workers, if any
 
     # -- Backend protocol -----------------------------------------------------------------
 

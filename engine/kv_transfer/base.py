@@ -210,6 +210,11 @@ class KVSender(ABC):
         """
 
     @abstractmethod
+    def source_blocks(self, request_id: str, blocks: range | None = None) -> list[int]:
+        """The source block ids `send_layer(request_id, i, blocks)` reads at every layer
+        (tensor-parallel prefill gathers them from all ranks before the layer's hook)."""
+
+    @abstractmethod
     def finish(self, request_id: str, first_token_id: int, extra: dict[str, Any]) -> None:
         """Queue the first token (and msgpack-able `extra`, e.g. logprobs); ends the request.
 
@@ -233,9 +238,9 @@ class KVTransport(ABC):
     """Builds both ends of one kind of transport (in-process fake, ZMQ, ...)."""
 
     @abstractmethod
-    def receiver(self, kv_caches: list[KVCache], bind: str) -> KVReceiver:
+    def receiver(self, kv_caches: Sequence[KVCache], bind: str) -> KVReceiver:
         """A receiver writing into `kv_caches`, listening on `bind` (e.g. tcp://0.0.0.0:0)."""
 
     @abstractmethod
-    def sender(self, kv_caches: list[KVCache]) -> KVSender:
+    def sender(self, kv_caches: Sequence[KVCache]) -> KVSender:
         """A sender reading from `kv_caches` (any number of receivers)."""

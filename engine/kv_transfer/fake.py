@@ -27,7 +27,7 @@ from engine.kv_transfer.reservations import BookedReceiver
 
 
 class FakeKVReceiver(BookedReceiver):
-    def __init__(self, transport: FakeTransport, kv_caches: list[KVCache], bind: str) -> None:
+    def __init__(self, transport: FakeTransport, kv_caches: Sequence[KVCache], bind: str) -> None:
         self._transport = transport
         self._endpoint = bind if bind.startswith("fake://") else f"fake://{bind}"
         super().__init__(kv_caches)
@@ -46,7 +46,7 @@ class FakeKVReceiver(BookedReceiver):
 
 
 class FakeKVSender(KVSender):
-    def __init__(self, transport: FakeTransport, kv_caches: list[KVCache]) -> None:
+    def __init__(self, transport: FakeTransport, kv_caches: Sequence[KVCache]) -> None:
         self._transport = transport
         self._outbox = Outbox(kv_caches)
         self._events: list[TransferEvent] = []
@@ -61,6 +61,9 @@ class FakeKVSender(KVSender):
 
     def extend(self, request_id: str, src_block_ids: Sequence[int]) -> None:
         self._outbox.extend(request_id, src_block_ids)
+
+    def source_blocks(self, request_id: str, blocks: range | None = None) -> list[int]:
+        return self._outbox.source_blocks(request_id, blocks)
 
     def send_layer(self, request_id: str, layer: int, blocks: range | None = None) -> None:
         msg = self._outbox.layer(request_id, layer, blocks)
@@ -110,10 +113,10 @@ class FakeTransport(KVTransport):
     def __init__(self) -> None:
         self._receivers: dict[str, FakeKVReceiver] = {}
 
-    def receiver(self, kv_caches: list[KVCache], bind: str = "kv") -> FakeKVReceiver:
+    def receiver(self, kv_caches: Sequence[KVCache], bind: str = "kv") -> FakeKVReceiver:
         return FakeKVReceiver(self, kv_caches, bind)
 
-    def sender(self, kv_caches: list[KVCache]) -> FakeKVSender:
+    def sender(self, kv_caches: Sequence[KVCache]) -> FakeKVSender:
         return FakeKVSender(self, kv_caches)
 
     def register(self, endpoint: str, receiver: FakeKVReceiver) -> None:

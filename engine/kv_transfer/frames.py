@@ -119,6 +119,35 @@ def block_rows(t: torch.Tensor) -> torch.Tensor:
     return rows.view(torch.int64) if rows.shape[1] % 8 == 0 else rows
 
 
+def read_blocks(kv_caches: Any, layer: int, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh copies of K and V of blocks `ids` (in that order) of layer `layer`.
+
+    `kv_caches`: a list of `(k, v)` cache tensors, or an object with its own `read_blocks`
+    (tensor-parallel rank 0 serves whole-head blocks gathered from every rank)."""
+    reader = getattr(kv_caches, "read_blocks", None)
+    if reader is not None:
+        return reader(layer, ids)
+    k_cache, v_cache = kv_caches[layer]
+    idx = torch.tensor(ids, dtype=torch.long, device=k_cache.device)
+    return block_rows(k_cache).index_select(0, idx), block_rows(v_cache).index_select(0, idx)
+
+
+def write_blocks(
+    kv_caches: Any, layer: int, ids: list[int], k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Write K and V `[n, block_size, H_kv, D]` into blocks `ids` of layer `layer` (or hand
+    them to the object's own `write_blocks`: tensor-parallel rank 0 stages them for every
+    rank's slice of heads)."""
+    writer = getattr(kv_caches, "write_blocks", None)
+    if writer is not None:
+        writer(layer, ids, k, v)
+        return
+    k_cache, v_cache = kv_caches[layer]
+    idx = torch.tensor(ids, dtype=torch.long, device=k_cache.device)
+    block_rows(k_cache).index_copy_(0, idx, block_rows(k.to(k_cache.device)))
+    block_rows(v_cache).index_copy_(0, idx, block_rows(v.to(v_cache.device)))
+
+
 def layer_message(header: LayerHeader, k: torch.Tensor, v: torch.Tensor) -> list[Any]:
     return [encode_header(header), tensor_buffer(k), tensor_buffer(v)]
 

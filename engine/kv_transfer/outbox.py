@@ -21,8 +21,8 @@ from engine.kv_transfer.frames import (
     AbortHeader,
     FinishHeader,
     LayerHeader,
-    block_rows,
     encode_header,
+    read_blocks,
     tensor_buffer,
 )
 
@@ -54,7 +54,7 @@ class _Outbound:
 class Outbox:
     """Requests prefill is sending; builds their messages. Single-threaded."""
 
-    def __init__(self, kv_caches: list[KVCache]) -> None:
+    def __init__(self, kv_caches: Sequence[KVCache]) -> None:
         assert kv_caches, "no KV cache layers"
         self.kv_caches = kv_caches
         k0 = kv_caches[0][0]
@@ -89,17 +89,9 @@ class Outbox:
         if out is None:
             return None
         res = out.reservation
-        wanted = range(len(out.src_ids)) if blocks is None else blocks
-        positions = [p for p in wanted if res.num_cached_blocks <= p < len(res.block_ids)]
+        positions = self._positions(request_id, out, blocks)
         if not positions:
             return None
-        if max(positions) >= len(out.src_ids):
-            raise ValueError(
-                f"{request_id}: block positions {blocks} beyond the {len(out.src_ids)} "
-                "source blocks known (call extend first)"
-            )
-        k_cache, v_cache = self.kv_caches[layer]
-        src = torch.tensor([out.src_ids[p] for p in positions], device=k_cache.device)
         header = LayerHeader(
             request_id=request_id,
             token=res.token,
@@ -108,14 +100,33 @@ class Outbox:
             dtype=self.dtype_name,
             block_shape=self.block_shape,
         )
-        # fresh and contiguous (index_select copies): the bytes of [n, block_size, H_kv, D]
-        k, v = block_rows(k_cache).index_select(0, src), block_rows(v_cache).index_select(0, src)
+        # fresh and contiguous copies: the bytes of [n, block_size, H_kv, D]
+        k, v = read_blocks(self.kv_caches, layer, [out.src_ids[p] for p in positions])
         out.nbytes += k.nbytes + v.nbytes
         ready = None
         if k.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
         return Outgoing(request_id, res.endpoint, encode_header(header), [k, v], ready=ready)
+
+    def source_blocks(self, request_id: str, blocks: range | None) -> list[int]:
+        """The source block ids `layer(request_id, i, blocks)` reads, in order."""
+        out = self._live.get(request_id)
+        if out is None:
+            return []
+        return [out.src_ids[p] for p in self._positions(request_id, out, blocks)]
+
+    @staticmethod
+    def _positions(request_id: str, out: _Outbound, blocks: range | None) -> list[int]:
+        res = out.reservation
+        wanted = range(len(out.src_ids)) if blocks is None else blocks
+        positions = [p for p in wanted if res.num_cached_blocks <= p < len(res.block_ids)]
+        if positions and max(positions) >= len(out.src_ids):
+            raise ValueError(
+                f"{request_id}: block positions {blocks} beyond the {len(out.src_ids)} "
+                "source blocks known (call extend first)"
+            )
+        return positions
 
     def finish(
         self, request_id: str, first_token_id: int, extra: dict[str, Any]

@@ -35,9 +35,9 @@ from engine.kv_transfer.frames import (
     FinishHeader,
     FrameError,
     LayerHeader,
-    block_rows,
     buffer_tensor,
     decode_header,
+    write_blocks,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class _Inbound:
 class ReservationBook:
     """Live reservations of one receiver; thread-safe (one lock guards state and copies)."""
 
-    def __init__(self, kv_caches: list[KVCache]) -> None:
+    def __init__(self, kv_caches: Sequence[KVCache]) -> None:
         assert kv_caches, "no KV cache layers"
         k0 = kv_caches[0][0]
         for k, v in kv_caches:
@@ -155,10 +155,7 @@ class ReservationBook:
         shape = [len(ids), *self.block_shape]
         k = buffer_tensor(payload[0], dtype, shape)  # validates sizes before any write
         v = buffer_tensor(payload[1], dtype, shape)
-        k_cache, v_cache = self.kv_caches[h.layer]
-        idx = torch.tensor(ids, dtype=torch.long, device=k_cache.device)
-        block_rows(k_cache).index_copy_(0, idx, block_rows(k.to(k_cache.device)))
-        block_rows(v_cache).index_copy_(0, idx, block_rows(v.to(v_cache.device)))
+        write_blocks(self.kv_caches, h.layer, ids, k, v)
         res.pending[h.layer].difference_update(ids)
         res.status = TransferStatus.TRANSFERRING
         res.nbytes += k.nbytes + v.nbytes
@@ -194,7 +191,7 @@ class ReservationBook:
 class BookedReceiver(KVReceiver):
     """A `KVReceiver` whose state lives in a `ReservationBook`; transports add the wire."""
 
-    def __init__(self, kv_caches: list[KVCache]) -> None:
+    def __init__(self, kv_caches: Sequence[KVCache]) -> None:
         self._book = ReservationBook(kv_caches)
         self.block_size = self._book.block_shape[0]
 

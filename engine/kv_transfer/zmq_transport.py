@@ -52,7 +52,7 @@ class ZmqKVReceiver(BookedReceiver):
     """Binds a PULL socket on `bind` (`tcp://host:0` picks a free port)."""
 
     def __init__(
-        self, kv_caches: list[KVCache], bind: str, advertise_host: str | None = None
+        self, kv_caches: Sequence[KVCache], bind: str, advertise_host: str | None = None
     ) -> None:
         super().__init__(kv_caches)
         k0 = kv_caches[0][0]
@@ -116,7 +116,7 @@ class ZmqKVSender(KVSender):
 
     def __init__(
         self,
-        kv_caches: list[KVCache],
+        kv_caches: Sequence[KVCache],
         max_queued_bytes: int = 1 << 30,
         enqueue_timeout_s: float = 1.0,
         send_timeout_s: float = 5.0,
@@ -151,6 +151,9 @@ class ZmqKVSender(KVSender):
 
     def extend(self, request_id: str, src_block_ids: Sequence[int]) -> None:
         self._outbox.extend(request_id, src_block_ids)
+
+    def source_blocks(self, request_id: str, blocks: range | None = None) -> list[int]:
+        return self._outbox.source_blocks(request_id, blocks)
 
     def send_layer(self, request_id: str, layer: int, blocks: range | None = None) -> None:
         msg = self._outbox.layer(request_id, layer, blocks)
@@ -298,8 +301,8 @@ class ZmqTransport(KVTransport):
         self.advertise_host = advertise_host
         self.sender_options = sender_options
 
-    def receiver(self, kv_caches: list[KVCache], bind: str) -> ZmqKVReceiver:
+    def receiver(self, kv_caches: Sequence[KVCache], bind: str) -> ZmqKVReceiver:
         return ZmqKVReceiver(kv_caches, bind, self.advertise_host)
 
-    def sender(self, kv_caches: list[KVCache]) -> ZmqKVSender:
+    def sender(self, kv_caches: Sequence[KVCache]) -> ZmqKVSender:
         return ZmqKVSender(kv_caches, **self.sender_options)

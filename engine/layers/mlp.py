@@ -6,15 +6,32 @@ import torch
 from torch import nn
 
 from engine.layers.linear import Linear, MergedLinear
+from engine.parallel import current_tp, even_shard
 from kernels.activation import silu_and_mul
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+    """Tensor parallel: the intermediate dimension is split (gate/up column-parallel, down
+    row-parallel). The output is then a partial sum: `all_reduce=True` sums it here (dense
+    layers); shared experts leave it to the MoE block, which reduces once for all parts."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        all_reduce: bool = False,
+    ) -> None:
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size] * 2, bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.tp = tp = current_tp()
+        shard = even_shard(intermediate_size, tp, "MLP intermediate size")
+        self.intermediate_size = shard.size
+        self.gate_up_proj = MergedLinear(hidden_size, [], bias=bias, shards=[shard, shard])
+        self.down_proj = Linear(
+            intermediate_size, hidden_size, bias=bias, in_shard=shard, bias_here=tp.rank == 0
+        )
+        self.reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # one launch on GPU
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # one launch on GPU
+        return self.tp.all_reduce(out) if self.reduce else out

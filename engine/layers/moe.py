@@ -15,6 +15,7 @@ from torch import nn
 
 from engine.layers.linear import check_shape
 from engine.layers.mlp import GatedMLP
+from engine.parallel import Shard, current_tp, even_shard
 from kernels.moe import fused_moe, route
 
 
@@ -36,25 +37,45 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E gated-SiLU experts stored stacked: gate_up `[E, 2I, D]`, down `[E, D, I]`."""
+    """E gated-SiLU experts stored stacked: gate_up `[E, 2I, D]`, down `[E, D, I]`.
+
+    Tensor parallel: every expert's intermediate dimension is split (`shard`: this rank's
+    columns of I), so the output is a partial sum the MoE block all-reduces."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Parameter(
-            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
-        )
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.shard: Shard = even_shard(intermediate_size, current_tp(), "expert intermediate size")
+        inter = self.shard.size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, inter))
 
     def load_expert(self, name: str, tensor: torch.Tensor, expert: int, part: str) -> None:
         """Fill one expert from per-expert checkpoint tensors (`gate`, `up` or `down`)."""
-        inter = self.down_proj.shape[-1]
+        inter, full = self.down_proj.shape[-1], self.shard.full
         targets = {
-            "gate": self.gate_up_proj[expert, :inter],
-            "up": self.gate_up_proj[expert, inter:],
-            "down": self.down_proj[expert],
+            "gate": (self.gate_up_proj[expert, :inter], 0),
+            "up": (self.gate_up_proj[expert, inter:], 0),
+            "down": (self.down_proj[expert], 1),
         }
-        target = targets[part]
-        check_shape(name, target.shape, tensor.shape)
+        target, dim = targets[part]
+        expected = list(target.shape)
+        expected[dim] = full
+        check_shape(name, expected, tensor.shape)
+        with torch.no_grad():
+            target.copy_(self.shard.take(tensor, dim))
+
+    def load_stacked(self, name: str, tensor: torch.Tensor, leaf: str) -> None:
+        """Fill every expert from a stacked checkpoint tensor (`gate_up_proj` `[E, 2I, D]`
+        or `down_proj` `[E, D, I]`)."""
+        e, d, full = self.gate_up_proj.shape[0], self.gate_up_proj.shape[2], self.shard.full
+        if leaf == "gate_up_proj":
+            check_shape(name, (e, 2 * full, d), tensor.shape)
+            gate, up = tensor.split(full, dim=1)
+            tensor = torch.cat([self.shard.take(gate, 1), self.shard.take(up, 1)], dim=1)
+            target = self.gate_up_proj
+        else:
+            check_shape(name, (e, d, full), tensor.shape)
+            tensor, target = self.shard.take(tensor, 2), self.down_proj
         with torch.no_grad():
             target.copy_(tensor)
 
@@ -103,6 +124,7 @@ class MoEBlock(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
+        self.tp = current_tp()
         self.text_moe = ExpertGroup(text[0], hidden_size, text[1], top_k, norm_min)
         self.vision_moe = (
             ExpertGroup(vision[0], hidden_size, vision[1], top_k, norm_min) if vision else None
@@ -116,6 +138,9 @@ class MoEBlock(nn.Module):
 
         With no mask (decode: generated tokens are always text) nothing reads the device, so
         the step can be captured in a CUDA graph; a mask costs a host sync to split rows."""
+        return self.tp.all_reduce(self._partial(x, vision_mask))  # ranks hold parts of I
+
+    def _partial(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         if self.vision_moe is None or vision_mask is None or not bool(vision_mask.any()):
             return self.text_moe(x, add=shared)  # the shared sum rides in the combine kernel

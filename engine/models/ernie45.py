@@ -21,21 +21,29 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoEBlock
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import TextRotary
+from engine.parallel import current_tp, even_shard, kv_head_shard, padded_shard
+from kernels.gemv import linear as small_m_linear
 from kernels.rotary import rotary_embedding
 
 
 class Attention(nn.Module):
+    """Tensor parallel: this rank's query heads and the KV heads they read; `o_proj` is
+    row-parallel and its partial sums are all-reduced here."""
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
+        self.tp = tp = current_tp()
+        d = cfg.head_dim
+        q_shard = even_shard(cfg.num_heads * d, tp, "attention heads", unit=d)
+        num_kv, kv_shard = kv_head_shard(cfg.num_kv_heads, d, tp)
+        self.num_heads, self.num_kv_heads, self.head_dim = q_shard.size // d, num_kv, d
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, [], cfg.use_bias, shards=[q_shard, kv_shard, kv_shard]
         )
-        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [q_size, kv_size, kv_size], cfg.use_bias)
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=cfg.use_bias)
-        self.attn = PagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+        self.o_proj = Linear(
+            q_shard.full, cfg.hidden_size, cfg.use_bias, in_shard=q_shard, bias_here=tp.rank == 0
+        )
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, d)
 
     def forward(
         self,
@@ -53,7 +61,7 @@ class Attention(nn.Module):
         table, rows = rope
         rotary_embedding(q, k, rows, table)  # in place, both in one launch
         out = self.attn(q, k, v, kv_cache, meta)  # [T, H, D]
-        return self.o_proj(out.flatten(1))
+        return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
 
 class DecoderLayer(nn.Module):
@@ -77,7 +85,9 @@ class DecoderLayer(nn.Module):
                 bias=cfg.use_bias,
             )
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.use_bias)
+            self.mlp = GatedMLP(
+                cfg.hidden_size, cfg.intermediate_size, cfg.use_bias, all_reduce=True
+            )
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -140,19 +150,30 @@ class Ernie45Model(nn.Module):
 
 
 class Ernie45ForCausalLM(nn.Module):
-    """ERNIE-4.5 text model (also the language half of ERNIE-4.5-VL)."""
+    """ERNIE-4.5 text model (also the language half of ERNIE-4.5-VL).
+
+    Tensor parallel: the LM head is split over the vocabulary (padded to a multiple of
+    the ranks) and the logits all-gathered; a tied head reads its rows of the (replicated)
+    embedding."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.config = cfg
+        self.tp = tp = current_tp()
         self.model = Ernie45Model(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.vocab_shard = padded_shard(cfg.vocab_size, tp) if tp.size > 1 else None
+        self.lm_head = Linear(
+            cfg.hidden_size, cfg.vocab_size, bias=False, out_shard=self.vocab_shard
+        )
         self.tie_weights()
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after `to_empty`, which unties)."""
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+            if self.vocab_shard is None:
+                self.lm_head.weight = self.model.embed_tokens.weight
+            else:  # the head reads its slice of the embedding in compute_logits
+                self.lm_head.weight = None  # type: ignore[assignment]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -173,4 +194,15 @@ class Ernie45ForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden `[N, D]` -> logits `[N, V]` in fp32."""
-        return self.lm_head(hidden).float()
+        shard = self.vocab_shard
+        if shard is None:
+            return self.lm_head(hidden).float()
+        if self.lm_head.weight is None:  # tied: this rank's rows of the embedding
+            w = self.model.embed_tokens.weight
+            local = w.narrow(0, shard.start, min(shard.size, shard.full - shard.start))
+            part = small_m_linear(hidden, local, None) if hidden.is_cuda else hidden @ local.t()
+            if part.shape[-1] < shard.size:  # the padded tail of the last rank
+                part = torch.nn.functional.pad(part, (0, shard.size - part.shape[-1]))
+        else:
+            part = self.lm_head(hidden)
+        return self.tp.all_gather(part.float(), dim=-1)[:, : shard.full]

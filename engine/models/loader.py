@@ -251,6 +251,9 @@ def _apply(load: Load, params: dict[str, nn.Parameter], modules: dict[str, nn.Mo
             return
         owner_name, _, leaf = load.param.rpartition(".")
         owner = modules.get(owner_name)
+        if isinstance(owner, Experts) and leaf in ("gate_up_proj", "down_proj"):
+            owner.load_stacked(load.source, load.tensor, leaf)  # keeps this rank's slice
+            return
         if load.shard is not None or isinstance(owner, (Linear, MergedLinear)):
             if not isinstance(owner, (Linear, MergedLinear)):
                 raise WeightLoadError(f"tensor {load.source!r}: the config has no {owner_name}")

@@ -137,7 +137,7 @@ class PrefillRole:
     def step(self) -> bool:
         if not self.engine.has_unfinished_requests():
             return False
-        for out in self.engine.step(self._after_layer):
+        for out in self.engine.step(self._after_layer, self._before_run):
             self._hand_over(out)
         return True
 
@@ -148,14 +148,22 @@ class PrefillRole:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _after_layer(self, plan: ScheduledStep, layer: int) -> None:
+    def _before_run(self, plan: ScheduledStep) -> list[int]:
+        """Each job's chunk of blocks for this step; the source blocks every layer sends."""
+        blocks: list[int] = []
         for req, n in zip(plan.requests, plan.num_tokens, strict=True):
             job = self._jobs.get(req.request_id)
             if job is None:
                 continue
-            if layer == 0:
-                job.chunk = self._next_chunk(req, job, req.num_computed_tokens + n)
+            job.chunk = self._next_chunk(req, job, req.num_computed_tokens + n)
             if job.chunk:
+                blocks += self.sender.source_blocks(req.request_id, job.chunk)
+        return blocks
+
+    def _after_layer(self, plan: ScheduledStep, layer: int) -> None:
+        for req in plan.requests:
+            job = self._jobs.get(req.request_id)
+            if job is not None and job.chunk:
                 self.sender.send_layer(req.request_id, layer, job.chunk)
 
     def _next_chunk(self, req: Request, job: _Job, end: int) -> range:

@@ -11,7 +11,14 @@ import torch
 from engine.llm_engine import EngineArgs, LLMEngine
 from engine.sampling_params import SamplingParams
 from engine.tiny import ensure_tiny_model
-from tests.engine.hf_models import IMAGE, VIDEO, build_prompt, make_text, make_vl
+from tests.engine.hf_models import (
+    IMAGE,
+    VIDEO,
+    build_prompt,
+    make_text,
+    make_vl,
+    write_paddle_layout,
+)
 from tests.engine.tandem_forward import media_inputs
 
 NEW = 6
@@ -44,17 +51,24 @@ def hf_generate(model, p) -> list[int]:
     return out[0, len(p.ids) :].tolist()
 
 
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+
+def copy_tokenizer(path) -> None:
+    for f in TOKENIZER_FILES:
+        shutil.copy(ensure_tiny_model() / f, path / f)
+
+
 @pytest.fixture(scope="module")
 def vl(tmp_path_factory):
     path = tmp_path_factory.mktemp("vl") / "m"
     hf = make_vl(path, "gqa2", seed=4)
-    for f in (
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-    ):
-        shutil.copy(ensure_tiny_model() / f, path / f)
+    copy_tokenizer(path)
     prompts = [build_prompt(k, seed=i) for i, k in enumerate(PROMPTS)]
     expected = [hf_generate(hf, p) for p in prompts]
     return path, prompts, expected
@@ -118,19 +132,51 @@ def test_prefix_cache_hits_and_media_isolation(vl):
     assert engine.num_used_blocks == 0
 
 
+@pytest.mark.parametrize(
+    "tp, kw",
+    [
+        (2, dict(max_num_batched_tokens=7)),
+        # 4 ranks over 2 KV heads: each rank keeps the KV head its query head reads
+        (4, dict(num_kv_blocks=12, max_num_batched_tokens=16)),
+    ],
+    ids=["tp2-chunked", "tp4-replicated-kv-small-pool"],
+)
+def test_tensor_parallel_greedy_matches_hf_generate(vl, tp, kw):
+    path, prompts, expected = vl
+    n = len(prompts) if tp == 2 else 2  # 4 ranks on a 2-core CI machine: keep it short
+    got, engine = run_engine(path, prompts[:n], stagger=True, tensor_parallel_size=tp, **kw)
+    expected = expected[:n]
+    try:
+        assert got == expected
+        assert engine.num_used_blocks == 0
+    finally:
+        engine.shutdown()
+    assert not any(engine.runner.workers.alive())
+
+
+def test_tensor_parallel_paddle_layout_with_biases(tmp_path):
+    """Fused q/k/v and up/gate, per-expert tensors, `[in, out]` weights and row-parallel
+    biases (added once, on rank 0), split over 2 ranks."""
+    hf = make_vl(tmp_path / "hf", "gqa3_bias", seed=7)
+    write_paddle_layout(tmp_path / "hf", tmp_path / "paddle")
+    copy_tokenizer(tmp_path / "paddle")
+    prompts = [build_prompt(k, seed=i) for i, k in enumerate(PROMPTS[:2])]
+    expected = [hf_generate(hf, p) for p in prompts]
+    got, engine = run_engine(tmp_path / "paddle", prompts, stagger=False, tensor_parallel_size=2)
+    engine.shutdown()
+    assert got == expected
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_text_models_greedy_match(tmp_path, moe):
+def test_text_models_greedy_match(tmp_path, moe, tp):
+    # dense: biases, tied head; MoE: untied head split over the vocabulary, stacked experts
     hf = make_text(tmp_path / "m", moe=moe, seed=2)
-    for f in (
-        "tokenizer.model",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "added_tokens.json",
-    ):
-        shutil.copy(ensure_tiny_model() / f, tmp_path / "m" / f)
+    copy_tokenizer(tmp_path / "m")
     prompts = [build_prompt([], seed=s) for s in range(3)]
     expected = [hf_generate(hf, p) for p in prompts]
-    got, engine = run_engine(tmp_path / "m", prompts, stagger=True)
+    got, engine = run_engine(tmp_path / "m", prompts, stagger=True, tensor_parallel_size=tp)
+    engine.shutdown()
     assert got == expected
     assert engine.num_used_blocks == 0
 
