@@ -63,7 +63,9 @@ class EngineArgs:
     """Weight-only quantization of the decoder layers at load: "wint8", "wint4" or None."""
     tensor_parallel_size: int = 1
     """Ranks the model is split over (engine/parallel.py): consecutive GPUs from `device`,
-    or CPU processes on the CPU. Rank 0 runs in this process, the others are workers."""
+    or CPU processes on the CPU. Rank 0 runs in this process, the others are workers
+    (`shutdown()` stops them). With load_format "dummy" each rank draws its own slice's
+    random weights, so the model is not the one-rank model's values split."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):

@@ -16,12 +16,15 @@ it, so the bound holds for the stored scale, not just for an fp32 one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 METHODS = ("wint8", "wint4")
 QMAX = {"wint8": 127, "wint4": 7}
+MIN_GROUP = 16
+"""The finest wint4 group `group_for` falls back to."""
 INT4_OFFSET = 8  # stored nibble = q + 8, so q in [-8, 7] fits 0..15
 
 
@@ -32,7 +35,10 @@ class QuantConfig:
     method: str
     """"wint8" (per-output-channel int8) or "wint4" (group-wise int4)."""
     group_size: int = 128
-    """wint4: input features per scale. A row shorter than this is one group."""
+    """wint4: input features per scale. A row shorter than this is one group; a row that is
+    not a multiple of it uses the largest common divisor (at least `MIN_GROUP`): a
+    tensor-parallel slice, e.g. the 424B model's 3584 expert features over 8 ranks = 448,
+    gets groups of 64."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -44,12 +50,12 @@ class QuantConfig:
         """Features per scale for a weight with `in_features` columns."""
         if self.method == "wint8" or in_features <= self.group_size:
             g = in_features
-        elif in_features % self.group_size == 0:
-            g = self.group_size
+        elif math.gcd(in_features, self.group_size) >= MIN_GROUP:
+            g = math.gcd(in_features, self.group_size)
         else:
             raise ValueError(
                 f"{self.method}: {in_features} input features is not a multiple of "
-                f"group_size {self.group_size}"
+                f"group_size {self.group_size} (nor of {MIN_GROUP})"
             )
         if self.method == "wint4" and in_features % 2:
             raise ValueError(f"wint4 packs two features per byte: {in_features} is odd")

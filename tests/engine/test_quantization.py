@@ -131,7 +131,16 @@ def test_bad_method_and_group_size() -> None:
     with pytest.raises(ValueError, match="int3"):
         quantize_model(nn.Sequential(Linear(8, 8)), "int3")
     with pytest.raises(ValueError, match="multiple of group_size"):
-        quantize_model(nn.Sequential(Linear(200, 8)), "wint4")
+        quantize_model(nn.Sequential(Linear(200, 8)), "wint4")  # gcd(200, 128) = 8 < 16
+
+
+def test_wint4_groups_of_a_tensor_parallel_slice() -> None:
+    # the 424B model's 3584 expert features over 8 ranks: 448 = 3.5 x 128 -> groups of 64
+    cfg = QuantConfig("wint4")
+    assert (cfg.group_for(448), cfg.group_for(3584), cfg.group_for(96)) == (64, 128, 96)
+    layer = Linear(448, 8)
+    q = quantize_model(nn.Sequential(layer), "wint4")[0]
+    assert q.scale.shape == (8, 7)
 
 
 # -- whole models --------------------------------------------------------------------------
