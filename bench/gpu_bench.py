@@ -289,6 +289,17 @@ def kernel_checks(dev: torch.device, tiny: bool) -> None:
         RESULTS["kernel_checks"]["route ids equal"] = same
         if not same:
             FAILURES.append("route ids differ from Router ids")
+        # decode sizes: router GEMV + routing in one launch (kernels.moe.gate_route), twice
+        # per size so the arrival counters' reset is exercised too
+        bias = torch.rand(n_exp, generator=g).to(dev) * 0.1
+        for t in (1, 2, 4):
+            for rep in range(2):
+                x = rnd(t, hidden)
+                want_w, want_ids = route(F.linear(x.float(), router.weight), top_k, bias)
+                got_w, got_ids = kernels.moe.gate_route(x, router.weight, top_k, bias, impl=impl)
+                _err(f"gate_route T={t} #{rep}", got_w, want_w, 1e-4)
+                if not torch.equal(got_ids, want_ids):
+                    FAILURES.append(f"gate_route T={t}: expert ids differ from cuBLAS + route")
 
     for name, fn in [
         ("rms_norm", check_rms_norm),

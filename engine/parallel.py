@@ -52,7 +52,11 @@ class TPInfo:
     def broadcast(self, x: torch.Tensor, root: int = 0) -> torch.Tensor:
         """`x` of rank `root` on every rank, in place."""
         if self.size > 1:
-            self.group.broadcast([x], root).wait()
+            import torch.distributed as dist
+
+            opts = dist.BroadcastOptions()  # the (tensors, root) overload is not on every build
+            opts.rootRank = root
+            self.group.broadcast([x], opts).wait()
         return x
 
 

@@ -39,6 +39,25 @@ def route(
     return weights, topk_ids.to(torch.int32)
 
 
+def gate_route(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    norm_min: float = 1e-12,
+    impl: Impl = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's logits (``x.float() @ gate_weight.float().T``, fp32 as ERNIE routes)
+    then ``route``. At decode sizes the Triton kernel does both in one launch."""
+    if use_triton(x, impl) and x.shape[0] > 0 and gate_weight.dtype == torch.float32:
+        from kernels.triton_impl.moe_routing import GATE_ROUTE_MAX_TOKENS, gate_route_triton
+
+        if x.shape[0] <= GATE_ROUTE_MAX_TOKENS and x.stride(-1) == 1:
+            return gate_route_triton(x, gate_weight.contiguous(), k, bias, norm_min)
+    logits = F.linear(x.float(), gate_weight.float())  # [T, E]
+    return route(logits, k, bias, norm_min, impl=impl)
+
+
 def fused_moe_ref(
     x: torch.Tensor,
     w13: torch.Tensor,

@@ -10,13 +10,12 @@ only vision experts — plus shared experts that every token passes through.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.linear import check_shape
 from engine.layers.mlp import GatedMLP
 from engine.parallel import Shard, current_tp, even_shard
-from kernels.moe import fused_moe, route
+from kernels.moe import fused_moe, gate_route
 
 
 class Router(nn.Module):
@@ -31,9 +30,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x `[T, D]` -> (weights `[T, k]` fp32, expert ids `[T, k]` int32)."""
-        logits = F.linear(x.float(), self.weight.float())  # [T, E] fp32, as ERNIE routes
-        # softmax, biased top-k, renormalise: one Triton launch on GPU (kernels.moe.route)
-        return route(logits, self.top_k, self.e_score_correction_bias, self.norm_min)
+        # fp32 logits as ERNIE routes, softmax, biased top-k, renormalise: at decode one
+        # Triton launch on GPU (kernels.moe.gate_route), else cuBLAS + one routing launch
+        return gate_route(x, self.weight, self.top_k, self.e_score_correction_bias, self.norm_min)
 
 
 class Experts(nn.Module):

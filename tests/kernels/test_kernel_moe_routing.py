@@ -8,6 +8,7 @@ import torch
 
 from kernels import moe_align_block_size, paged_attention, paged_attention_ref, route
 from kernels._dispatch import interpreting, triton_available
+from kernels.moe import gate_route
 
 needs_triton = pytest.mark.skipif(
     not (triton_available() and interpreting()), reason="needs triton and TRITON_INTERPRET=1"
@@ -25,6 +26,25 @@ def test_route_kernel_matches_reference(t: int, e: int, k: int, with_bias: bool)
     got_w, got_ids = route(logits, k, bias, impl="triton")
     assert torch.equal(got_ids, want_ids)  # same experts, same (descending) order
     torch.testing.assert_close(got_w, want_w, atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("t", "e", "d", "k", "dtype"),
+    [(1, 64, 600, 6, torch.float16), (4, 7, 96, 3, torch.float32), (3, 9, 1030, 2, torch.float16)],
+)
+def test_gate_route_kernel_matches_cublas_then_route(t, e, d, k, dtype) -> None:
+    """Router GEMV + routing in one launch (split over programs, the last one routes)
+    equals `route(F.linear(x.float(), W))`; twice, so the arrival counters reset."""
+    g = torch.Generator().manual_seed(t * 100 + e)
+    w = torch.randn(e, d, generator=g) * 0.05
+    bias = torch.rand(e, generator=g) * 0.2
+    for _ in range(2):
+        x = torch.randn(t, d, generator=g).to(dtype)
+        want_w, want_ids = gate_route(x, w, k, bias, impl="torch")
+        got_w, got_ids = gate_route(x, w, k, bias, impl="triton")
+        assert torch.equal(got_ids, want_ids)
+        torch.testing.assert_close(got_w, want_w, atol=1e-5, rtol=1e-5)
 
 
 @needs_triton
