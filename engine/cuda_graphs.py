@@ -15,9 +15,11 @@ in CPU tests.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata, KVCache
@@ -141,32 +143,48 @@ class DecodeGraphs:
     def run(
         self,
         ids: list[int],
-        positions: torch.Tensor,
+        positions: torch.Tensor | list[int],
         slots: list[int],
         seq_lens: list[int],
         tables: list[list[int]],
     ) -> torch.Tensor:
         """One decode token per sequence -> logits `[n, V]` (a view, valid until the next run).
 
-        positions `[position_rows, n]` (or `[n]`); tables: each sequence's block ids."""
+        positions `[position_rows, n]` (or `[n]`), or one int per sequence for text rows
+        (the same on every position row); tables: each sequence's block ids."""
         n = len(ids)
         b = self.bucket(n)
-        assert b is not None and all(len(t) <= self.width for t in tables), (n, self.width)
+        table = block_table(tables)  # [n, width] int32, zero-padded
+        assert b is not None and table.shape[1] <= self.width, (n, self.width)
         if self.copied is not None:
             self.copied.synchronize()  # `host` may still be in flight to the device
         graph, out = self._graph(b)
         h = self.host
-        h[0, :n] = torch.tensor(ids)
-        h[1:-2, :n] = positions.reshape(self.position_rows, n)
-        h[-2, :n] = torch.tensor(slots)
-        h[-1, :n] = torch.tensor(seq_lens)
+        if isinstance(positions, list):  # every row in one host tensor
+            h[:, :n] = torch.tensor([ids, *([positions] * self.position_rows), slots, seq_lens])
+        else:
+            h[0, :n] = torch.tensor(ids)
+            h[1:-2, :n] = positions.reshape(self.position_rows, n)
+            h[-2, :n] = torch.tensor(slots)
+            h[-1, :n] = torch.tensor(seq_lens)
         self._pad_inputs(n)
-        width = max(len(t) for t in tables)
         self.packed.copy_(h, non_blocking=True)  # all of it: one contiguous copy of a few KB
         if self.copied is not None:
             self.copied.record()
         # Entries past a sequence's blocks stay stale: the kernels never read them.
-        rows = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        self.tables[:n, :width].copy_(rows)
+        self.tables[:n, : table.shape[1]].copy_(torch.from_numpy(table))
         graph.replay()
         return out[:n]
+
+
+def block_table(tables: list[list[int]]) -> np.ndarray:
+    """`[n, width]` int32 block table, rows zero-padded to the longest (one host array)."""
+    lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    width = int(lens.max())
+    flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
+    out = np.zeros((len(tables), width), dtype=np.int32)
+    if lens.min() == width:
+        out.reshape(-1)[:] = flat
+    else:
+        out[np.arange(width)[None, :] < lens[:, None]] = flat
+    return out

@@ -196,6 +196,8 @@ class LLMEngine:
         self.last_preempted: list[Request] = []
         """Requests the last step sent back to the queue (recompute)."""
         self._arrivals = itertools.count()
+        self._position_dims = 2 if self.model_config.text.mrope_section is not None else 1
+        """Dims of the positions the runner builds for `StepSequence.positions=None`."""
         self.think_end_id = self.tokenizer.token_to_id("</think>")
         self.think_start_id = self.tokenizer.token_to_id("<think>")
 
@@ -355,32 +357,46 @@ class LLMEngine:
         self.last_preempted = plan.preempted
         if plan.is_empty:
             return []
-        seqs = [
-            self._step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
-        ]
+        step_sequence = self._step_sequence
+        seqs = [step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)]
         export = before_run(plan) if before_run is not None else None
         hook = None if after_layer is None else (lambda i: after_layer(plan, i))
         logits = self.runner.run(seqs, hook, export)
-        done = [
-            (r, n)
-            for r, n, lg in zip(plan.requests, plan.num_tokens, logits, strict=True)
-            if lg.shape[0] > 0
-        ]
+        done = [r for r, lg in zip(plan.requests, logits, strict=True) if lg.shape[0] > 0]
         outputs = []
+        cache_blocks = self.kv.cache_blocks
         for req, n in zip(plan.requests, plan.num_tokens, strict=True):
             req.num_computed_tokens += n
-            self.kv.cache_blocks(req, req.num_computed_tokens)
+            cache_blocks(req, req.num_computed_tokens)
         if done:
-            rows = torch.cat([lg for lg in logits if lg.shape[0] > 0])
-            sampled = self.sampler(rows, [r.sampling for r, _ in done])
+            rows = _stack_rows(logits) if len(done) == len(logits) else None
+            if rows is None:
+                rows = torch.cat([lg for lg in logits if lg.shape[0] > 0])
+            sampled = self.sampler(rows, [r.sampling for r in done])
             tokens = sampled.sampled_token_ids.tolist()
-            for i, ((req, _), tok) in enumerate(zip(done, tokens, strict=True)):
-                outputs.append(self._append(req, tok, sampled.logprobs, i))
+            append, lp = self._append, sampled.logprobs
+            outputs = [
+                append(req, tok, lp, i)
+                for i, (req, tok) in enumerate(zip(done, tokens, strict=True))
+            ]
         return outputs
 
     def _step_sequence(self, req: Request, n: int) -> StepSequence:
         start = req.num_computed_tokens
         end = start + n
+        prompt = req.prompt
+        p = len(prompt.token_ids)
+        if start >= p and prompt.positions.dim() == self._position_dims:
+            # generated tokens only: text rows, no media, positions from one int
+            out = req.output_token_ids
+            return StepSequence(
+                token_ids=out[start - p : end - p],
+                positions=None,
+                num_computed=start,
+                block_ids=self.kv.block_ids(req.request_id),
+                logits="last" if end - p == len(out) else "none",
+                text_position=start + (prompt.delta if self._position_dims == 2 else 0),
+            )
         return StepSequence(
             token_ids=req.token_ids[start:end],
             positions=req.prompt.positions_for(start, end),
@@ -394,14 +410,18 @@ class LLMEngine:
         )
 
     def _append(self, req: Request, token: int, logprobs, row: int) -> RequestOutput:
-        req.output_token_ids.append(token)
-        req.sampling.append_token(token)
+        out = req.output_token_ids
+        out.append(token)
+        sampling, params = req.sampling, req.params
+        sampling.append_token(token)
         status = None
-        if token in req.sampling.ending_token_ids() and len(req.output_token_ids) >= max(
-            1, req.params.min_tokens
-        ):
+        # token in sampling.ending_token_ids(), without building the tuple
+        ends = token in params.stop_token_ids or (
+            not params.ignore_eos and token in sampling.eos_token_ids
+        )
+        if ends and len(out) >= max(1, params.min_tokens):
             status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token
-        elif len(req.output_token_ids) >= req.max_tokens:
+        elif len(out) >= req.max_tokens:
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.scheduler.finish(req, status)
@@ -412,10 +432,12 @@ class LLMEngine:
             finished=status is not None,
             finish_reason=status.finish_reason if status else None,
             stop_reason=req.stop_reason,
-            num_prompt_tokens=req.num_prompt_tokens,
+            num_prompt_tokens=len(req.prompt.token_ids),
             num_cached_tokens=req.num_cached_tokens,
-            num_output_tokens=len(req.output_token_ids),
-            new_logprobs=_logprob_dict(logprobs, row, req.params.logprobs),
+            num_output_tokens=len(out),
+            new_logprobs=None
+            if logprobs is None
+            else _logprob_dict(logprobs, row, params.logprobs),
         )
 
     def stop_request(self, request_id: str) -> None:
@@ -431,6 +453,23 @@ class LLMEngine:
     @property
     def config(self) -> ModelConfig:
         return self.model_config
+
+
+def _stack_rows(logits: list[torch.Tensor]) -> torch.Tensor | None:
+    """The rows as one `[n, V]` tensor without a copy when they are consecutive one-row
+    views of one buffer (the graph path, the eager split), else None."""
+    first = logits[0]
+    if first.dim() != 2 or first.shape[0] != 1 or first.stride(1) != 1:
+        return None
+    ptr, base, stride = first.untyped_storage().data_ptr(), first.storage_offset(), first.stride(0)
+    for i, lg in enumerate(logits):
+        if (
+            lg.shape[0] != 1
+            or lg.storage_offset() != base + i * stride
+            or lg.untyped_storage().data_ptr() != ptr
+        ):
+            return None
+    return first.as_strided((len(logits), first.shape[1]), (stride, 1), base)
 
 
 def _rows(mask: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.config import ModelConfig
-from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, EagerStepGraph
+from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, EagerStepGraph, block_table
 from engine.layers.attention import AttentionMetadata, KVCache, PagedAttention
 from engine.models import ErnieModel
 
@@ -32,12 +32,22 @@ class StepSequence:
     """The part of one sequence computed in this step."""
 
     token_ids: list[int]
-    positions: torch.Tensor  # [3, n] (VL) or [n] (text) for these tokens
+    positions: torch.Tensor | None  # [3, n] (VL) or [n] (text) for these tokens
+    """None: text rows, at `text_position + i` on every position row (generated tokens;
+    spares a tensor per sequence per decode step)."""
     num_computed: int  # tokens of this sequence already in the KV cache
     block_ids: list[int]
     media: list[MediaSlice] = field(default_factory=list)  # absolute prompt rows
     vision_rows: torch.Tensor | None = None  # [n] bool: rows for the vision experts
     logits: str = "last"  # "last", "all" or "none"
+    text_position: int = 0  # the first token's position when `positions` is None
+
+    def position_tensor(self, rows: int) -> torch.Tensor:
+        """`positions`, or the text rows' `[rows, n]` (`[n]` when rows is 1)."""
+        if self.positions is not None:
+            return self.positions
+        p = torch.arange(self.text_position, self.text_position + len(self.token_ids))
+        return p if rows == 1 else p.expand(rows, -1)
 
 
 class ModelRunner:
@@ -73,6 +83,7 @@ class ModelRunner:
             )
             for _ in range(t.num_layers)
         ]
+        self.position_rows = 3 if t.mrope_section is not None else 1
         self.graphs: DecodeGraphs | None = None
         if device.type == "cuda" if cuda_graphs is None else cuda_graphs:
             max_len = min(max_model_len or t.max_position_embeddings, num_blocks * block_size)
@@ -80,7 +91,7 @@ class ModelRunner:
                 model,
                 self.kv_caches,
                 max_blocks_per_seq=-(-max_len // block_size),
-                position_rows=3 if t.mrope_section is not None else 1,
+                position_rows=self.position_rows,
                 device=device,
                 buckets=graph_buckets,
                 make_graph=None if device.type == "cuda" else EagerStepGraph,
@@ -116,53 +127,75 @@ class ModelRunner:
             return self._run_graph(seqs)
         dev = self.device
         ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
-        positions = torch.cat([s.positions.to(dev) for s in seqs], dim=-1)
+        positions = self._positions(seqs)
         meta = self._metadata(seqs)
         embeds, vision = self._embeddings(seqs, ids)
         hidden = self.model(ids, positions, self.kv_caches, meta, embeds, vision, after_layer)
         return self._logits(seqs, hidden)
+
+    def _positions(self, seqs: list[StepSequence]) -> torch.Tensor:
+        """The batch's positions `[3, T]` (VL) or `[T]` on the device."""
+        dev, rows = self.device, self.position_rows
+        if all(s.positions is None for s in seqs):  # text rows only: one host tensor
+            flat = [s.text_position + i for s in seqs for i in range(len(s.token_ids))]
+            p = torch.tensor(flat, dtype=torch.long)
+            return (p if rows == 1 else p.expand(rows, -1)).to(dev)
+        return torch.cat([s.position_tensor(rows).to(dev) for s in seqs], dim=-1)
 
     def _graphable(self, seqs: list[StepSequence]) -> bool:
         """One new text token per sequence, no media rows in it, and a captured size fits."""
         g = self.graphs
         if g is None or not seqs or g.bucket(len(seqs)) is None:
             return False
-        bs = self.block_size
+        bs, width = self.block_size, g.width
         for s in seqs:
-            pos = s.num_computed
-            if len(s.token_ids) != 1 or len(s.block_ids) > g.width or pos // bs >= len(s.block_ids):
+            nb = len(s.block_ids)
+            if len(s.token_ids) != 1 or nb > width or s.num_computed // bs >= nb:
                 return False
-            if s.positions.numel() != g.position_rows:
+            if s.positions is None:
+                if s.vision_rows is None and not s.media:
+                    continue  # the common decode row: nothing more to check
+            elif s.positions.numel() != g.position_rows:
                 return False
             if s.vision_rows is not None and bool(s.vision_rows.any()):
                 return False  # host tensor: no device sync
+            pos = s.num_computed
             if any(m.start <= pos < m.start + m.embeds.shape[0] for m in s.media):
                 return False
         return True
 
     def _run_graph(self, seqs: list[StepSequence]) -> list[torch.Tensor]:
         assert self.graphs is not None
-        logits = self.graphs.run(
-            ids=[s.token_ids[0] for s in seqs],
-            positions=torch.cat([s.positions.reshape(-1, 1) for s in seqs], dim=1),
-            slots=[x for s in seqs for x in self.slot_mapping(s)],
-            seq_lens=[s.num_computed + 1 for s in seqs],
-            tables=[s.block_ids for s in seqs],
-        )  # [n, V]
+        bs = self.block_size
+        ids, slots, lens, tables = [], [], [], []
+        for s in seqs:
+            p, b = s.num_computed, s.block_ids
+            ids.append(s.token_ids[0])
+            slots.append(b[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(b)
+        positions: torch.Tensor | list[int]
+        if all(s.positions is None for s in seqs):
+            positions = [s.text_position for s in seqs]
+        else:
+            rows = self.position_rows
+            positions = torch.cat([s.position_tensor(rows).reshape(-1, 1) for s in seqs], dim=1)
+        logits = self.graphs.run(ids, positions, slots, lens, tables)  # [n, V]
+        if all(s.logits != "none" for s in seqs):
+            return list(logits.split(1))
         return [logits[i : i + (s.logits != "none")] for i, s in enumerate(seqs)]
 
     def _metadata(self, seqs: list[StepSequence]) -> AttentionMetadata:
         dev = self.device
         slots = [x for s in seqs for x in self.slot_mapping(s)]
-        width = max(len(s.block_ids) for s in seqs)
-        tables = [s.block_ids + [0] * (width - len(s.block_ids)) for s in seqs]
+        tables = block_table([s.block_ids for s in seqs])
         lens = [s.num_computed + len(s.token_ids) for s in seqs]
         starts = [0]
         for s in seqs:
             starts.append(starts[-1] + len(s.token_ids))
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            block_tables=torch.from_numpy(tables).to(dev),
             seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
         )

@@ -210,6 +210,9 @@ class Sampler:
             raise ValueError(
                 f"logits must be [B, V] with B = {len(states)} states, got {tuple(logits.shape)}"
             )
+        if all(_plain_greedy(s) for s in states):
+            # argmax of the float32 logits: what the full path below returns for such rows
+            return SamplerOutput(logits.float().argmax(dim=-1), None)
         vocab_size = logits.shape[1]
         batch = _BatchParams.build(states, vocab_size, logits.device)
         logits = logits.to(torch.float32, copy=True)  # [B, V], ours to modify in place
@@ -263,6 +266,19 @@ class Sampler:
                 q[i].exponential_(generator=state.step_generator(probs.device))
         # exponential_ may return exactly 0 on some backends; 0 would make p / q inf or nan.
         return q.clamp_min_(torch.finfo(q.dtype).tiny)
+
+
+def _plain_greedy(state: RequestSamplingState) -> bool:
+    """Greedy, no logprobs, no penalties, no min_tokens block, no reasoning budget: every
+    step of `sample` but the argmax leaves this row alone."""
+    p = state.params
+    return (
+        p.is_greedy
+        and p.logprobs is None
+        and not p.has_penalties
+        and len(state.output_token_ids) >= p.min_tokens
+        and p.reasoning_max_tokens is None
+    )
 
 
 def apply_penalties(logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> None:

@@ -234,7 +234,7 @@ def _for_pipe(cmd: StepCommand) -> StepCommand:
     seqs = [
         replace(
             s,
-            positions=s.positions.cpu(),
+            positions=None if s.positions is None else s.positions.cpu(),
             media=[replace(m, embeds=m.embeds.cpu()) for m in s.media],
             vision_rows=None if s.vision_rows is None else s.vision_rows.cpu(),
         )

@@ -23,6 +23,8 @@ class _RequestBlocks:
     num_registered_blocks: int
     """Leading blocks already registered in the prefix cache."""
     block_hashes: list[bytes] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    """``[b.block_id for b in blocks]``, kept beside them (read every step)."""
 
 
 class KVCacheManager:
@@ -91,14 +93,22 @@ class KVCacheManager:
         a request. Returns the newly allocated blocks (maybe none), or None when the pool
         is short, in which case nothing changed.
         """
+        state = self._requests.get(req.request_id)
+        if (
+            state is not None
+            and not computed_blocks
+            and state.num_slots + num_new_tokens <= len(state.blocks) * self.block_size
+        ):  # fits the blocks held (most decode steps): nothing to take
+            state.num_slots += num_new_tokens
+            return []
         num_blocks = self._num_blocks_to_take(req, num_new_tokens, computed_blocks)
         if num_blocks is None:
             return None
-        state = self._requests.get(req.request_id)
         if state is None:
             state = self._admit(req, computed_blocks)
         new_blocks = self.pool.allocate(num_blocks)
         state.blocks.extend(new_blocks)
+        state.block_ids.extend(block.block_id for block in new_blocks)
         state.num_slots += num_new_tokens
         return new_blocks
 
@@ -109,6 +119,10 @@ class KVCacheManager:
         """
         state = self._requests[req.request_id]
         if not self.enable_prefix_caching:
+            return
+        if min(num_computed_tokens, state.num_slots) // self.block_size <= (
+            state.num_registered_blocks
+        ):  # no new full block (most steps): skip building `req.token_ids`
             return
         num_tokens = min(num_computed_tokens, state.num_slots, len(req.token_ids))
         num_full = num_tokens // self.block_size
@@ -128,7 +142,7 @@ class KVCacheManager:
 
     def block_ids(self, request_id: str) -> list[int]:
         """The request's block table, in token order."""
-        return [block.block_id for block in self._requests[request_id].blocks]
+        return list(self._requests[request_id].block_ids)
 
     def num_cached_tokens(self, request_id: str) -> int:
         """Prompt tokens the request got from the prefix cache (``cached_tokens`` in usage)."""
@@ -186,6 +200,7 @@ class KVCacheManager:
             num_cached_tokens=num_cached_tokens,
             num_registered_blocks=len(computed_blocks),
             block_hashes=self._pending_hashes.pop(req.request_id, []),
+            block_ids=[block.block_id for block in computed_blocks],
         )
         self._requests[req.request_id] = state
         self.prefix_cache_queries += len(req.token_ids)
