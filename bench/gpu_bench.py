@@ -277,6 +277,17 @@ def kernel_checks(dev: torch.device, tiny: bool) -> None:
             got = kernels.fused_moe(x, w13, w2, wts, ids, impl=impl)
             ref = kernels.fused_moe_ref(x, w13, w2, wts, ids)
             _err(f"fused_moe T={t}", got, ref, 2e-2)
+        # decode sizes: the shared experts' MLP (2 x I wide, as ERNIE's 2 shared experts)
+        # inside the two decode launches vs the routed sum + the MLP on its own
+        ws13, ws2 = rnd(4 * inter, hidden, scale=0.02), rnd(hidden, 2 * inter, scale=0.02)
+        for t in (1, 2, 4):
+            x = rnd(t, hidden)
+            wts, ids = route(torch.randn(t, n_exp, generator=g).to(dev), top_k)
+            gate, up = F.linear(x.float(), ws13.float()).split(2 * inter, dim=-1)
+            shared = F.linear(F.silu(gate) * up, ws2.float())
+            ref = kernels.fused_moe_ref(x, w13, w2, wts, ids).float() + shared
+            got = kernels.fused_moe(x, w13, w2, wts, ids, impl=impl, shared=(ws13, ws2))
+            _err(f"fused_moe+shared T={t}", got, ref, 2e-2)
         # route is torch on every device; check it against the model's Router module.
         router = Router(n_exp, hidden, top_k, 1e-12).to(dev)
         with torch.no_grad():

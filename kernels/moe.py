@@ -121,9 +121,14 @@ def fused_moe(
     topk_ids: torch.Tensor,
     impl: Impl = None,
     add: torch.Tensor | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e][:I] @ x[t]) * w13[e][I:] @ x[t])``
     with ``e = topk_ids[t, j]``.
+
+    ``shared`` = (gate_up ``[2Is, D]``, down ``[D, Is]``): a gated MLP (ERNIE's shared
+    experts) added like ``add``; at decode sizes on GPU it runs inside the MoE launches
+    (`shares_decode_launches`), elsewhere it is computed first and becomes ``add``.
 
     x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; topk_weights [T, k] fp32; topk_ids [T, k] int32.
     Returns [T, D] in x's dtype; with ``add`` [T, D] (the shared experts' output) returns
@@ -139,11 +144,38 @@ def fused_moe(
     assert w13.dtype == w2.dtype == x.dtype, (x.dtype, w13.dtype, w2.dtype)
     if add is not None:
         assert add.shape == x.shape and add.dtype == x.dtype, (add.shape, add.dtype)
+    assert shared is None or add is None, "pass the shared experts or an add, not both"
+    if shared is not None and not (use_triton(x, impl) and shares_decode_launches(x)):
+        add, shared = _gated_mlp(x, *shared, impl), None
     if not use_triton(x, impl):
         out = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
         return out if add is None else out + add
     from kernels.triton_impl.moe import fused_moe_triton
 
     return fused_moe_triton(
-        x, w13, w2, topk_weights, topk_ids, add=add.contiguous() if add is not None else None
+        x,
+        w13,
+        w2,
+        topk_weights,
+        topk_ids,
+        add=add.contiguous() if add is not None else None,
+        shared=shared,
     )
+
+
+def shares_decode_launches(x: torch.Tensor) -> bool:
+    """True when `fused_moe` on `x` takes the decode GEMV path, where shared experts ride in
+    the same two launches (CUDA, Triton, at most `DECODE_MAX_TOKENS` tokens)."""
+    if not use_triton(x, None):
+        return False
+    from kernels.triton_impl import moe as moe_impl
+
+    return 0 < x.shape[0] <= moe_impl.DECODE_MAX_TOKENS
+
+
+def _gated_mlp(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, impl: Impl
+) -> torch.Tensor:
+    from kernels.activation import silu_and_mul
+
+    return F.linear(silu_and_mul(F.linear(x, gate_up), impl=impl), down)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.layers.linear import check_shape
+from engine.layers.linear import Linear, MergedLinear, check_shape
 from engine.layers.mlp import GatedMLP
 from engine.parallel import Shard, current_tp, even_shard
-from kernels.moe import fused_moe, gate_route
+from kernels.moe import fused_moe, gate_route, shares_decode_launches
 
 
 class Router(nn.Module):
@@ -84,8 +84,9 @@ class Experts(nn.Module):
         weights: torch.Tensor,
         ids: torch.Tensor,
         add: torch.Tensor | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids, add=add)
+        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids, add=add, shared=shared)
 
 
 class ExpertGroup(nn.Module):
@@ -103,9 +104,17 @@ class ExpertGroup(nn.Module):
         self.gate = Router(num_experts, hidden_size, top_k, norm_min)
         self.experts = Experts(num_experts, hidden_size, intermediate_size)
 
-    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-        """Routed experts' sum for x `[T, D]`, plus `add` `[T, D]` if given (fused on GPU)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        add: torch.Tensor | None = None,
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Routed experts' sum for x `[T, D]`, plus `add` `[T, D]` if given (fused on GPU),
+        or plus the gated MLP `shared` = (gate_up, down) inside the decode launches."""
         weights, ids = self.gate(x)
+        if shared is not None:
+            return self.experts(x, weights.to(torch.float32), ids, shared=shared)
         return self.experts(x, weights.to(torch.float32), ids, add)
 
 
@@ -140,8 +149,15 @@ class MoEBlock(nn.Module):
         return self.tp.all_reduce(self._partial(x, vision_mask))  # ranks hold parts of I
 
     def _partial(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
+        text_only = self.vision_moe is None or vision_mask is None or not bool(vision_mask.any())
+        if text_only and self._shared_rides_decode(x):
+            # decode on GPU: the shared experts' gated MLP runs inside the routed experts'
+            # two launches (3 launches a layer fewer)
+            mlp = self.shared_experts
+            assert mlp is not None
+            return self.text_moe(x, shared=(mlp.gate_up_proj.weight, mlp.down_proj.weight))
         shared = self.shared_experts(x) if self.shared_experts is not None else None
-        if self.vision_moe is None or vision_mask is None or not bool(vision_mask.any()):
+        if text_only:
             return self.text_moe(x, add=shared)  # the shared sum rides in the combine kernel
         out = torch.empty_like(x)
         text_mask = ~vision_mask
@@ -149,3 +165,15 @@ class MoEBlock(nn.Module):
             out[text_mask] = self.text_moe(x[text_mask])
         out[vision_mask] = self.vision_moe(x[vision_mask])
         return out if shared is None else out + shared
+
+    def _shared_rides_decode(self, x: torch.Tensor) -> bool:
+        mlp = self.shared_experts
+        return (
+            mlp is not None
+            and type(mlp.gate_up_proj) is MergedLinear  # not quantized
+            and type(mlp.down_proj) is Linear
+            and mlp.gate_up_proj.bias is None
+            and mlp.down_proj.bias is None
+            and type(self.text_moe.experts) is Experts
+            and shares_decode_launches(x)
+        )

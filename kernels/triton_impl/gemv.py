@@ -147,23 +147,48 @@ def _moe_up_kernel(
     w_ptr,
     ids_ptr,
     h_ptr,
+    ws_ptr,
+    hs_ptr,
     I,
+    IS,
     D,
+    n_routed,
     stride_xt,
     stride_we,
     stride_wn,
+    stride_wsn,
     TOPK: tl.constexpr,
+    NB_I: tl.constexpr,
+    NB_S: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # h[r] = silu(w13[e][:I] @ x[t]) * (w13[e][I:] @ x[t]), r = t * TOPK + j, e = ids[r]
-    r = tl.program_id(0)
-    t = r // TOPK
-    e = tl.load(ids_ptr + r).to(tl.int64)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < I
-    g_rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
-    u_rows = g_rows + I * stride_wn
+    # h[r] = silu(w13[e][:I] @ x[t]) * (w13[e][I:] @ x[t]), r = t * TOPK + j, e = ids[r];
+    # programs past the routed ones do the same for the shared experts' [gate; up] rows
+    # (intermediate IS) into hs[t]. 1-D grid: (row, column block) pairs.
+    pid = tl.program_id(0)
+    if HAS_SHARED and pid >= n_routed:
+        q = pid - n_routed
+        t = q // NB_S
+        cb = q % NB_S
+        base = ws_ptr
+        inter = IS
+        stride_n = stride_wsn
+        h_row = hs_ptr + t.to(tl.int64) * IS
+    else:
+        r = pid // NB_I
+        cb = pid % NB_I
+        t = r // TOPK
+        e = tl.load(ids_ptr + r).to(tl.int64)
+        base = w_ptr + e * stride_we
+        inter = I
+        stride_n = stride_wn
+        h_row = h_ptr + r.to(tl.int64) * I
+    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < inter
+    g_rows = base + offs_n.to(tl.int64)[:, None] * stride_n
+    u_rows = g_rows + inter * stride_n
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -179,7 +204,7 @@ def _moe_up_kernel(
     gate = tl.sum(acc_g, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
     up = tl.sum(acc_u, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
     h = gate * tl.sigmoid(gate) * up
-    tl.store(h_ptr + r.to(tl.int64) * I + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(h_row + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -189,17 +214,23 @@ def _moe_down_kernel(
     ids_ptr,
     topk_w_ptr,
     add_ptr,
+    hs_ptr,
+    ws_ptr,
     out_ptr,
     D,
     I,
+    IS,
     stride_we,
     stride_wn,
+    stride_wsn,
     TOPK: tl.constexpr,
     HAS_ADD: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # out[t] = round(sum_j wt[t, j] * round(w2[e_j] @ h[t * TOPK + j])) (+ add[t], rounded)
+    # out[t] = round(sum_j wt[t, j] * round(w2[e_j] @ h[t * TOPK + j])) (+ add[t], rounded),
+    # the add being the shared experts' round(ws2 @ hs[t]) when HAS_SHARED
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
@@ -218,7 +249,18 @@ def _moe_down_kernel(
         y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
         total += y * tl.load(topk_w_ptr + r)
     out = total.to(out_ptr.dtype.element_ty)
-    if HAS_ADD:  # rounded like the unfused `moe_out + shared_out`
+    if HAS_SHARED:
+        rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_wsn
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, IS, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < IS
+            hk = tl.load(hs_ptr + t * IS + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc += w.to(tl.float32) * hk[None, :]
+        shared = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)  # the shared MLP's output
+        out = (out.to(tl.float32) + shared.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    elif HAS_ADD:  # rounded like the unfused `moe_out + shared_out`
         add = tl.load(add_ptr + t * D + offs_n, mask=mask_n, other=0.0)
         out = (out.to(tl.float32) + add.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + t * D + offs_n, out, mask=mask_n)
@@ -232,10 +274,15 @@ def fused_moe_decode(
     topk_ids: torch.Tensor,
     add: torch.Tensor | None = None,
     tiles: MoeDecodeTiles | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Same contract as ``kernels.moe.fused_moe``, for a few tokens: no sort, no padding, two
-    launches, the k-way sum and the shared add fused into the down projection."""
-    # T tokens, k slots, D hidden, I intermediate, E experts
+    launches, the k-way sum and the shared add fused into the down projection.
+
+    ``shared`` = (gate_up ``[2Is, D]``, down ``[D, Is]``): the shared experts' gated MLP runs
+    inside the same two launches (its rows after the routed ones) and is added as ``add``
+    would be, rounded as the separate GEMVs and add round."""
+    # T tokens, k slots, D hidden, I intermediate, E experts, Is shared intermediate
     t, d = x.shape
     e, two_i, _ = w13.shape
     i = two_i // 2
@@ -247,10 +294,71 @@ def fused_moe_decode(
     assert topk_ids.shape == topk_weights.shape == (t, top_k), topk_ids.shape
     if add is not None:
         assert add.shape == (t, d) and add.is_contiguous() and add.dtype == x.dtype, add.shape
+    assert shared is None or add is None, "shared experts ride in the kernel: no add as well"
+    i_s = 0
+    if shared is not None:
+        ws13, ws2 = shared
+        i_s = ws13.shape[0] // 2
+        assert ws13.shape == (2 * i_s, d) and ws2.shape == (d, i_s), (ws13.shape, ws2.shape)
+        assert ws13.is_contiguous() and ws2.is_contiguous(), "shared weights must be contiguous"
+        assert ws13.dtype == ws2.dtype == w13.dtype, (ws13.dtype, w13.dtype)
     tiles = tiles or MOE_DECODE_TILES
     out = torch.empty(t, d, dtype=x.dtype, device=x.device)  # [T, D]
     if t == 0:
         return out
+    h = torch.empty(t * top_k, i, dtype=x.dtype, device=x.device)  # [T*k, I]
+    hs = torch.empty(t, max(i_s, 1), dtype=x.dtype, device=x.device)  # [T, Is]
+    nb_i, nb_s = triton.cdiv(i, tiles.up_block_n), triton.cdiv(max(i_s, 1), tiles.up_block_n)
+    n_routed = t * top_k * nb_i
+    ws13, ws2 = shared if shared is not None else (w13, w2)  # placeholders when unused
+    _moe_up_kernel[(n_routed + (t * nb_s if shared is not None else 0),)](
+        x,
+        w13,
+        topk_ids,
+        h,
+        ws13,
+        hs,
+        i,
+        i_s,
+        d,
+        n_routed,
+        x.stride(0),
+        w13.stride(0),
+        w13.stride(1),
+        ws13.stride(-2),
+        TOPK=top_k,
+        NB_I=nb_i,
+        NB_S=nb_s,
+        HAS_SHARED=shared is not None,
+        BLOCK_N=tiles.up_block_n,
+        BLOCK_K=tiles.up_block_k,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    _moe_down_kernel[(t, triton.cdiv(d, tiles.down_block_n))](
+        h,
+        w2,
+        topk_ids,
+        topk_weights,
+        out if add is None else add,
+        hs,
+        ws2,
+        out,
+        d,
+        i,
+        i_s,
+        w2.stride(0),
+        w2.stride(1),
+        ws2.stride(-2),
+        TOPK=top_k,
+        HAS_ADD=add is not None,
+        HAS_SHARED=shared is not None,
+        BLOCK_N=tiles.down_block_n,
+        BLOCK_K=tiles.down_block_k,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+    )
+    return out
     h = torch.empty(t * top_k, i, dtype=x.dtype, device=x.device)  # [T*k, I]
     _moe_up_kernel[(t * top_k, triton.cdiv(i, tiles.up_block_n))](
         x,

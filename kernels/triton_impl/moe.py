@@ -177,8 +177,10 @@ def fused_moe_triton(
     block_k: int | None = None,
     tiles: MoeTiles | None = None,
     add: torch.Tensor | None = None,
+    shared: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Two grouped GEMMs; same contract as ``kernels.moe.fused_moe``.
+    """Two grouped GEMMs; same contract as ``kernels.moe.fused_moe`` (``shared`` only on the
+    decode path: callers check ``kernels.moe.shares_decode_launches``).
 
     Tiles come from ``MOE_TILES`` by token count unless given (``tiles`` or the block sizes).
     """
@@ -191,7 +193,10 @@ def fused_moe_triton(
         return torch.zeros_like(x)
     explicit = tiles is not None or bool(block_m or block_n or block_k)
     if not explicit and t <= DECODE_MAX_TOKENS:  # decode: no sort, two GEMV launches
-        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids.contiguous(), add=add)
+        return fused_moe_decode(
+            x, w13, w2, topk_weights, topk_ids.contiguous(), add=add, shared=shared
+        )
+    assert shared is None, "shared experts ride only in the decode launches"
     if not explicit and use_grouped(x, t * top_k):  # prefill: torch's Hopper grouped GEMM
         return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids, add=add)
     tiles = tiles or pick_tiles(t)

@@ -71,6 +71,35 @@ def test_moe_decode_matches_ref(t: int, with_add: bool, dtype: torch.dtype) -> N
 
 
 @needs_triton
+@pytest.mark.parametrize(("t", "i_s"), [(1, 24), (3, 56), (4, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_moe_decode_with_shared_experts_in_the_launches(
+    t: int, i_s: int, dtype: torch.dtype
+) -> None:
+    """The shared experts' gated MLP (its own intermediate size) inside the two decode
+    launches equals the routed sum plus a separate gated MLP."""
+    from kernels.triton_impl.gemv import MoeDecodeTiles, fused_moe_decode
+
+    e, k, d, i = 7, 3, 96, 40
+    x = torch.randn(t, d, dtype=dtype)
+    w13 = (torch.randn(e, 2 * i, d) / d**0.5).to(dtype)
+    w2 = (torch.randn(e, d, i) / i**0.5).to(dtype)
+    ws13 = (torch.randn(2 * i_s, d) / d**0.5).to(dtype)
+    ws2 = (torch.randn(d, i_s) / i_s**0.5).to(dtype)
+    weights, ids = route(torch.randn(t, e), k)
+    xf = x.float()
+    gate, up = (xf @ ws13.float().t()).split(i_s, dim=-1)
+    shared = (torch.nn.functional.silu(gate) * up) @ ws2.float().t()
+    ref = fused_moe_ref(x, w13, w2, weights, ids).float() + shared
+    for tiles in (None, MoeDecodeTiles(16, 32, 8, 16, 2)):
+        got = fused_moe_decode(x, w13, w2, weights, ids, tiles=tiles, shared=(ws13, ws2))
+        assert got.shape == (t, d) and got.dtype == dtype
+        assert _rel(got, ref.to(dtype)) < (1e-6 if dtype == torch.float32 else 2e-3)
+    with pytest.raises(AssertionError, match="no add"):
+        fused_moe_decode(x, w13, w2, weights, ids, add=x, shared=(ws13, ws2))
+
+
+@needs_triton
 def test_fused_moe_takes_decode_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = moe_impl.fused_moe_decode
