@@ -231,6 +231,20 @@ def kernel_checks(dev: torch.device, tiny: bool) -> None:
         kernels.write_kv_ref(k, v, kr_, vr_, slots)
         _err(f"write_kv k_cache T={t}", kg_, kr_, 0.0)
         _err(f"write_kv v_cache T={t}", vg_, vr_, 0.0)
+        # rotary fused with the cache write (the attention layer's path) vs rotary + write_kv
+        cache = kernels.build_cos_sin_cache(4096, d, 500000.0, device=dev)
+        pos = torch.randint(0, 4096, (3, t), generator=g).to(dev)
+        q = rnd(t, hq, d)
+        kg_, vg_ = kc.clone(), vc.clone()
+        qg, _ = kernels.rotary_embedding(
+            q.clone(), k.clone(), pos, cache, (22, 22, 20), impl=impl, kv_write=(v, kg_, vg_, slots)
+        )
+        kr_, vr_ = kc.clone(), vc.clone()
+        qr, kr = kernels.rotary_embedding(q.clone(), k.clone(), pos, cache, (22, 22, 20), impl=impl)
+        kernels.write_kv_ref(kr, v, kr_, vr_, slots)
+        _err(f"rotary+write_kv q T={t}", qg, qr, 0.0)
+        _err(f"rotary+write_kv k_cache T={t}", kg_, kr_, 0.0)
+        _err(f"rotary+write_kv v_cache T={t}", vg_, vr_, 0.0)
 
     def check_paged_attention() -> None:
         # paged attention: decode (one query each) and mixed prefill chunks

@@ -318,13 +318,19 @@ class TPWorkers:
                 self.stop()
                 raise TensorParallelError(f"tensor-parallel rank {rank}: {detail}")
 
-    def check_alive(self, cause: BaseException | None = None) -> None:
-        """Raise naming the first worker that exited."""
-        for rank, proc in enumerate(self._procs, 1):
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"tensor-parallel rank {rank} is gone (exit code {proc.returncode})"
-                ) from cause
+    def check_alive(self, cause: BaseException | None = None, wait_s: float = 5.0) -> None:
+        """Raise naming the first worker that exited. After a failed collective a peer may
+        still be dying (its socket closes before it is reaped): wait up to `wait_s`."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            for rank, proc in enumerate(self._procs, 1):
+                if proc.poll() is not None:
+                    raise RuntimeError(
+                        f"tensor-parallel rank {rank} is gone (exit code {proc.returncode})"
+                    ) from cause
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.05)
 
     def send(self, cmd: StepCommand) -> None:
         # plain pickle: tensors travel as bytes (multiprocessing's pickler would pass

@@ -106,11 +106,14 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor,
     mrope_section: list[int] | tuple[int, ...] | None = None,
     impl: Impl = None,
+    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate ``q [T, Hq, D]`` and ``k [T, Hkv, D]`` in place and return them.
 
     positions: ``[T]`` (text) or ``[3, T]`` (t, h, w; needs ``mrope_section``), integer.
     cos_sin_cache: ``[P, D]`` fp32 from :func:`build_cos_sin_cache`, P > max position.
+    kv_write: ``(v, k_cache, v_cache, slot_mapping)``: also do :func:`kernels.write_kv` of the
+    rotated k and v (one launch on GPU instead of two).
     """
     t, _, d = q.shape
     assert k.shape[0] == t and k.shape[2] == d and d % 2 == 0, (q.shape, k.shape)
@@ -120,12 +123,20 @@ def rotary_embedding(
     assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == d, cos_sin_cache.shape
     assert cos_sin_cache.dtype == torch.float32, cos_sin_cache.dtype
     assert positions.dim() == 1 or mrope_section is not None, "3-D positions need mrope_section"
+    if kv_write is not None:
+        from kernels.kv_cache import _check, write_kv
+
+        v, k_cache, v_cache, slots = kv_write
+        _check(k, v, k_cache, v_cache, slots)
     if not use_triton(q, impl):
-        return rotary_embedding_ref(q, k, positions, cos_sin_cache, mrope_section)
+        rotary_embedding_ref(q, k, positions, cos_sin_cache, mrope_section)
+        if kv_write is not None:
+            write_kv(k, v, k_cache, v_cache, slots, impl="torch")
+        return q, k
     from kernels.triton_impl.rotary import rotary_embedding_triton
 
     hw_pairs = 0
     if mrope_section is not None and positions.dim() == 2:
         hw_pairs = int((mrope_pair_axes(d, mrope_section) > 0).sum())  # leading h/w pairs
-    rotary_embedding_triton(q, k, positions, cos_sin_cache, hw_pairs)
+    rotary_embedding_triton(q, k, positions, cos_sin_cache, hw_pairs, kv_write)
     return q, k

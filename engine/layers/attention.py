@@ -50,10 +50,13 @@ class PagedAttention(nn.Module):
         v: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
+        kv_written: bool = False,
     ) -> torch.Tensor:
-        """q `[T, Hq, D]`, k/v `[T, Hkv, D]` -> `[T, Hq, D]`."""
+        """q `[T, Hq, D]`, k/v `[T, Hkv, D]` -> `[T, Hq, D]`. `kv_written`: the caller already
+        put k and v in the cache (fused with the rotary embedding)."""
         k_cache, v_cache = kv_cache
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if not kv_written:
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(
             q,
             k_cache,

@@ -59,8 +59,9 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, K, D]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         table, rows = rope
-        rotary_embedding(q, k, rows, table)  # in place, both in one launch
-        out = self.attn(q, k, v, kv_cache, meta)  # [T, H, D]
+        # rotate q and k in place and write k, v into the paged cache: one launch on GPU
+        rotary_embedding(q, k, rows, table, kv_write=(v, *kv_cache, meta.slot_mapping))
+        out = self.attn(q, k, v, kv_cache, meta, kv_written=True)  # [T, H, D]
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
 

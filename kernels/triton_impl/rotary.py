@@ -34,8 +34,9 @@ def _rotate_heads(
     a, b = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_H, BLOCK_P, 2]))  # even, odd
     ra = a * cos[None, :] - b * sin[None, :]
     rb = b * cos[None, :] + a * sin[None, :]
-    out = tl.reshape(tl.join(ra, rb), [BLOCK_H, 2 * BLOCK_P])
-    tl.store(ptrs, out.to(x.dtype), mask=mask)
+    out = tl.reshape(tl.join(ra, rb), [BLOCK_H, 2 * BLOCK_P]).to(x.dtype)
+    tl.store(ptrs, out, mask=mask)
+    return out
 
 
 @triton.jit
@@ -44,11 +45,18 @@ def _rotary_kernel(
     k_ptr,
     pos_ptr,
     cache_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
     stride_kh,
+    stride_vt,
+    stride_vh,
     stride_pos_axis,
+    WRITE_KV: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -70,7 +78,17 @@ def _rotary_kernel(
     cos = tl.load(row + offs_p, mask=mask_p, other=1.0)
     sin = tl.load(row + D // 2 + offs_p, mask=mask_p, other=0.0)
     _rotate_heads(q_ptr, stride_qt, stride_qh, t, cos, sin, HQ, BLOCK_HQ, D // 2, BLOCK_P)
-    _rotate_heads(k_ptr, stride_kt, stride_kh, t, cos, sin, HKV, BLOCK_HKV, D // 2, BLOCK_P)
+    k = _rotate_heads(k_ptr, stride_kt, stride_kh, t, cos, sin, HKV, BLOCK_HKV, D // 2, BLOCK_P)
+    if WRITE_KV:  # the rotated k and v straight into the paged cache (slot < 0: padding)
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:
+            offs_h = tl.arange(0, BLOCK_HKV)
+            offs_d = tl.arange(0, 2 * BLOCK_P)
+            mask = (offs_h[:, None] < HKV) & (offs_d[None, :] < D)
+            dst = slot * (HKV * D) + offs_h[:, None] * D + offs_d[None, :]
+            tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            v_src = v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+            tl.store(v_cache_ptr + dst, tl.load(v_src, mask=mask, other=0.0), mask=mask)
 
 
 def rotary_embedding_triton(
@@ -79,8 +97,10 @@ def rotary_embedding_triton(
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
     hw_pairs: int,
+    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Launch one program per token. Shapes are checked by the caller."""
+    """Launch one program per token. Shapes are checked by the caller. `kv_write` =
+    (v, k_cache, v_cache, slot_mapping): also write rotated k and v into the cache."""
     # T tokens, Hq/Hkv heads, D head dim
     t, hq, d = q.shape
     hkv = k.shape[1]
@@ -88,16 +108,25 @@ def rotary_embedding_triton(
     assert cos_sin_cache.is_contiguous() and positions.stride(-1) == 1
     if t == 0:
         return
+    v, k_cache, v_cache, slots = kv_write if kv_write is not None else (k, k, k, positions)
+    assert v.stride(2) == 1, "v's head dim must be contiguous"
     _rotary_kernel[(t,)](
         q,
         k,
         positions,
         cos_sin_cache,
+        v,
+        k_cache,
+        v_cache,
+        slots,
         q.stride(0),
         q.stride(1),
         k.stride(0),
         k.stride(1),
+        v.stride(0),
+        v.stride(1),
         positions.stride(0) if positions.dim() == 2 else 0,
+        WRITE_KV=kv_write is not None,
         HQ=hq,
         HKV=hkv,
         D=d,

@@ -134,3 +134,41 @@ def test_triton_rotates_views_of_fused_qkv_in_place() -> None:
     rotary_embedding_ref(*split(ref), positions, cache, [2, 2, 4])
     rotary_embedding(*split(qkv), positions, cache, [2, 2, 4], impl="triton")
     torch.testing.assert_close(qkv, ref, atol=1e-5, rtol=1e-5)  # v untouched in both
+
+
+@needs_triton
+@pytest.mark.parametrize(("hkv", "d", "dtype"), [(2, 16, torch.float32), (1, 24, torch.float16)])
+def test_triton_rotary_writes_kv_cache_like_write_kv(hkv: int, d: int, dtype: torch.dtype) -> None:
+    """Rotary fused with the cache write (views of one fused qkv row, a padding slot -1)
+    leaves q, k and both caches exactly as rotary then `write_kv` do."""
+    from kernels import write_kv
+
+    t, hq, blocks, bs = 6, 4, 5, 4
+    qkv = torch.randn(t, (hq + 2 * hkv) * d).to(dtype)
+    positions = torch.randint(0, MAX_POS, (3, t))
+    cache = build_cos_sin_cache(MAX_POS, d, THETA)
+    slots = torch.tensor([3, 17, -1, 0, 9, 18], dtype=torch.int64)
+
+    def parts(x: torch.Tensor):
+        q = x[:, : hq * d].view(t, hq, d)
+        k = x[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+        return q, k, x[:, (hq + hkv) * d :].view(t, hkv, d)
+
+    ref = qkv.clone()
+    want_k, want_v = (
+        torch.zeros(blocks, bs, hkv, d, dtype=dtype),
+        torch.zeros(blocks, bs, hkv, d, dtype=dtype),
+    )
+    q, k, v = parts(ref)
+    rotary_embedding(q, k, positions, cache, [2, 2, d // 2 - 4], impl="torch")
+    write_kv(k, v, want_k, want_v, slots, impl="torch")
+    got_k, got_v = torch.zeros_like(want_k), torch.zeros_like(want_v)
+    q, k, v = parts(qkv)
+    rotary_embedding(
+        q, k, positions, cache, [2, 2, d // 2 - 4], impl="triton", kv_write=(v, got_k, got_v, slots)
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(qkv, ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(got_k, want_k, atol=tol, rtol=tol)
+    assert torch.equal(got_v, want_v)
+    assert got_k.view(-1, hkv, d)[slots[slots >= 0]].abs().sum() > 0
