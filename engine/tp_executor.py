@@ -18,9 +18,9 @@ Because the wire format is whole heads, prefill and decode may run different TP 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-import pickle
 import socket
 import subprocess
 import sys
@@ -28,7 +28,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from engine import tp_wire as wire
 from engine.config import ModelConfig
 from engine.layers.attention import KVCache
 from engine.model_runner import ModelRunner, StepSequence
@@ -204,7 +205,7 @@ class TPModelRunner:
         with self._lock:
             imports, self._staged = self._staged, []
         cmd = StepCommand(seqs, after_layer is not None, list(export_blocks or []), imports)
-        self.workers.send(_for_pipe(cmd))
+        self.workers.send(cmd)
         try:
             return self.rank0.step(cmd, after_layer)
         except RuntimeError as e:  # a collective failed: name the rank that went away
@@ -229,32 +230,7 @@ class TPModelRunner:
         self.workers.stop()
 
 
-def _for_pipe(cmd: StepCommand) -> StepCommand:
-    """The command with every tensor on the host (workers own other devices)."""
-    seqs = [
-        replace(
-            s,
-            positions=None if s.positions is None else s.positions.cpu(),
-            media=[replace(m, embeds=m.embeds.cpu()) for m in s.media],
-            vision_rows=None if s.vision_rows is None else s.vision_rows.cpu(),
-        )
-        for s in cmd.seqs
-    ]
-    imports = [(layer, ids, k.cpu(), v.cpu()) for layer, ids, k, v in cmd.imports]
-    return replace(cmd, seqs=seqs, imports=imports)
-
-
 # ---------------------------------------------------------------------------- workers
-
-
-@dataclass
-class WorkerSpec:
-    args: Any  # EngineArgs
-    num_blocks: int
-    rank: int
-    size: int
-    store_port: int
-    device: str
 
 
 class TPWorkers:
@@ -288,10 +264,15 @@ class TPWorkers:
             )
             theirs.close()
             pipe = Connection(ours.detach())
-            spec = WorkerSpec(
-                args, num_blocks, rank, self.size, self._store.port, str(devices[rank])
+            spec = wire.Spec(
+                dataclasses.asdict(args),
+                num_blocks,
+                rank,
+                self.size,
+                self._store.port,
+                str(devices[rank]),
             )
-            pipe.send_bytes(pickle.dumps(spec))
+            pipe.send_bytes(wire.encode(spec))
             self._procs.append(proc)
             self._pipes.append(pipe)
         self.group: Any = None
@@ -313,9 +294,10 @@ class TPWorkers:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
                     raise TensorParallelError(f"tensor-parallel rank {rank} died while loading")
-            status, detail = pickle.loads(pipe.recv_bytes())
-            if status != "ready":
+            status, _ = wire.decode(pipe.recv_bytes())
+            if not isinstance(status, wire.Status) or not status.ok:
                 self.stop()
+                detail = status.detail if isinstance(status, wire.Status) else "bad answer"
                 raise TensorParallelError(f"tensor-parallel rank {rank}: {detail}")
 
     def check_alive(self, cause: BaseException | None = None, wait_s: float = 5.0) -> None:
@@ -333,9 +315,9 @@ class TPWorkers:
             time.sleep(0.05)
 
     def send(self, cmd: StepCommand) -> None:
-        # plain pickle: tensors travel as bytes (multiprocessing's pickler would pass
-        # shared-memory handles the workers cannot open)
-        data = pickle.dumps(("step", cmd), protocol=pickle.HIGHEST_PROTOCOL)
+        # msgpack header + raw tensor bytes, never pickle (ARCHITECTURE §3); tensors on the
+        # host, since the workers own other devices
+        data = wire.encode_step(cmd.seqs, cmd.hook, cmd.export_blocks, cmd.imports)
         for rank, pipe in enumerate(self._pipes, 1):
             try:
                 pipe.send_bytes(data)
@@ -350,7 +332,7 @@ class TPWorkers:
         self._stopped = True
         for pipe in self._pipes:
             with contextlib.suppress(Exception):
-                pipe.send_bytes(pickle.dumps(("stop", None)))
+                pipe.send_bytes(wire.encode(wire.Stop()))
         deadline = time.monotonic() + STOP_GRACE_S
         for proc in self._procs:
             try:
@@ -376,10 +358,11 @@ class TPWorkers:
 def worker_main(pipe: Connection) -> None:
     """Rank N: join the group, load this rank's slice, run steps until told or orphaned."""
     _die_with_parent()
-    spec: WorkerSpec = pickle.loads(pipe.recv_bytes())
+    spec, _ = wire.decode(pipe.recv_bytes())
+    assert isinstance(spec, wire.Spec), spec
     import torch.distributed as dist
 
-    from engine.llm_engine import load_for_rank
+    from engine.llm_engine import EngineArgs, load_for_rank
     from engine.parallel import use_tp
 
     device = torch.device(spec.device)
@@ -398,23 +381,24 @@ def worker_main(pipe: Connection) -> None:
         group = make_group(spec.rank, spec.size, store, device)
         tp = TPInfo(spec.rank, spec.size, group)
         with use_tp(tp):
-            runner, cfg = load_for_rank(spec.args, spec.num_blocks, device)
+            runner, cfg = load_for_rank(EngineArgs(**spec.args), spec.num_blocks, device)
         rank = TPRank(runner, tp, cfg.text.num_kv_heads)
     except Exception as e:  # report, then exit: rank 0 raises it
         log.debug("rank %d failed to start:\n%s", spec.rank, traceback.format_exc())
         with contextlib.suppress(Exception):
-            pipe.send_bytes(pickle.dumps(("error", f"{type(e).__name__}: {e}")))
+            pipe.send_bytes(wire.encode(wire.Status(False, f"{type(e).__name__}: {e}")))
         return
-    pipe.send_bytes(pickle.dumps(("ready", None)))
+    pipe.send_bytes(wire.encode(wire.Status(True)))
     with torch.inference_mode():
         while True:
             try:
-                op, cmd = pickle.loads(pipe.recv_bytes())
+                msg, tail = wire.decode(pipe.recv_bytes())
             except (EOFError, OSError):
                 break  # rank 0 is gone
-            if op == "stop":
-                break
-            rank.step(cmd, None)
+            if not isinstance(msg, wire.Step):
+                break  # Stop
+            seqs, imports = wire.step_parts(msg, tail)
+            rank.step(StepCommand(seqs, msg.hook, msg.export_blocks, imports), None)
     with contextlib.suppress(Exception):
         group.shutdown()
 
