@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 
-from engine import tp_wire as wire
 from engine.config import ModelConfig
 from engine.layers.attention import KVCache
 from engine.model_runner import ModelRunner, StepSequence
@@ -240,6 +239,8 @@ class TPWorkers:
     def __init__(self, args: Any, num_blocks: int, devices: list[torch.device]) -> None:
         import torch.distributed as dist
 
+        from engine import tp_wire as wire  # msgspec: only tensor-parallel engines need it
+
         self.size = len(devices)
         self._store = dist.TCPStore(
             "127.0.0.1",
@@ -288,6 +289,8 @@ class TPWorkers:
 
     def wait_ready(self) -> None:
         """Block until every worker loaded its slice, or raise with the worker's error."""
+        from engine import tp_wire as wire  # msgspec: only tensor-parallel engines need it
+
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         for rank, (proc, pipe) in enumerate(zip(self._procs, self._pipes, strict=True), 1):
             while not pipe.poll(0.2):
@@ -315,6 +318,8 @@ class TPWorkers:
             time.sleep(0.05)
 
     def send(self, cmd: StepCommand) -> None:
+        from engine import tp_wire as wire  # msgspec: only tensor-parallel engines need it
+
         # msgpack header + raw tensor bytes, never pickle (ARCHITECTURE §3); tensors on the
         # host, since the workers own other devices
         data = wire.encode_step(cmd.seqs, cmd.hook, cmd.export_blocks, cmd.imports)
@@ -327,6 +332,8 @@ class TPWorkers:
 
     def stop(self) -> None:
         """Tell every worker to exit; kill those that do not. Idempotent."""
+        from engine import tp_wire as wire  # msgspec: only tensor-parallel engines need it
+
         if self._stopped:
             return
         self._stopped = True
@@ -357,6 +364,8 @@ class TPWorkers:
 
 def worker_main(pipe: Connection) -> None:
     """Rank N: join the group, load this rank's slice, run steps until told or orphaned."""
+    from engine import tp_wire as wire  # msgspec: only tensor-parallel engines need it
+
     _die_with_parent()
     spec, _ = wire.decode(pipe.recv_bytes())
     assert isinstance(spec, wire.Spec), spec

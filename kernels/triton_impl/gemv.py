@@ -208,6 +208,19 @@ def _moe_up_kernel(
 
 
 @triton.jit
+def _dot_rows(rows, h_row, K, mask_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # fp32 [BLOCK_N]: weight rows (pointers [BLOCK_N, 1], K contiguous columns) dot h[:K]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        hk = tl.load(h_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc += w.to(tl.float32) * hk[None, :]
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
 def _moe_down_kernel(
     h_ptr,
     w_ptr,
@@ -239,26 +252,13 @@ def _moe_down_kernel(
         r = t * TOPK + j
         e = tl.load(ids_ptr + r).to(tl.int64)
         rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < I
-            hk = tl.load(h_ptr + r * I + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc += w.to(tl.float32) * hk[None, :]
-        y = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty).to(tl.float32)
-        total += y * tl.load(topk_w_ptr + r)
+        y = _dot_rows(rows, h_ptr + r * I, I, mask_n, BLOCK_N, BLOCK_K)
+        total += y.to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + r)
     out = total.to(out_ptr.dtype.element_ty)
     if HAS_SHARED:
         rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_wsn
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, IS, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < IS
-            hk = tl.load(hs_ptr + t * IS + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc += w.to(tl.float32) * hk[None, :]
-        shared = tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty)  # the shared MLP's output
+        shared = _dot_rows(rows, hs_ptr + t * IS, IS, mask_n, BLOCK_N, BLOCK_K)
+        shared = shared.to(out_ptr.dtype.element_ty)  # the shared MLP's output, rounded
         out = (out.to(tl.float32) + shared.to(tl.float32)).to(out_ptr.dtype.element_ty)
     elif HAS_ADD:  # rounded like the unfused `moe_out + shared_out`
         add = tl.load(add_ptr + t * D + offs_n, mask=mask_n, other=0.0)

@@ -15,25 +15,22 @@ from kernels._dispatch import next_pow2
 
 
 @triton.jit
-def _route_kernel(
-    logits_ptr,
+def _route_token(
+    x,
+    offs_e,
+    mask_e,
     bias_ptr,
     weights_ptr,
     ids_ptr,
-    stride_lt,
+    t,
     norm_min,
-    E: tl.constexpr,
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # One program per token: softmax over E, top-k of (probs + bias) by repeated argmax
-    # (descending, first index on ties, as torch.topk), renormalise the unbiased probs.
-    t = tl.program_id(0).to(tl.int64)
-    offs_e = tl.arange(0, BLOCK_E)
-    mask_e = offs_e < E
-    x = tl.load(logits_ptr + t * stride_lt + offs_e, mask=mask_e, other=float("-inf"))
+    # Token t's logits x [BLOCK_E] (-inf past E): softmax over E, top-k of (probs + bias) by
+    # repeated argmax (descending, first index on ties, as torch.topk), renormalise the
+    # unbiased probs, store k weights and ids.
     x = x.to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = p / tl.sum(p, axis=0)  # [BLOCK_E] softmax; 0 past E
@@ -54,6 +51,29 @@ def _route_kernel(
     mask_k = offs_k < K
     tl.store(weights_ptr + t * K + offs_k, w, mask=mask_k)
     tl.store(ids_ptr + t * K + offs_k, ids, mask=mask_k)
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    bias_ptr,
+    weights_ptr,
+    ids_ptr,
+    stride_lt,
+    norm_min,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    offs_e = tl.arange(0, BLOCK_E)
+    mask_e = offs_e < E
+    x = tl.load(logits_ptr + t * stride_lt + offs_e, mask=mask_e, other=float("-inf"))
+    _route_token(
+        x, offs_e, mask_e, bias_ptr, weights_ptr, ids_ptr, t, norm_min, K, HAS_BIAS, BLOCK_K
+    )
 
 
 def route_triton(
@@ -111,8 +131,8 @@ def _gate_route_kernel(
     # Grid (T, NPROG): program (t, c) computes the fp32 logits of experts
     # [c*E_PER, (c+1)*E_PER) for token t from the bf16/fp32 hidden row (upcast in registers,
     # as `F.linear(x.float(), W)`), publishes them, and bumps the token's counter; the
-    # program that bumps it last (acq_rel atomics order the stores) routes the token exactly
-    # as `_route_kernel` and puts the counter back to zero for the next launch.
+    # program that bumps it last (acq_rel atomics order the stores) routes the token with
+    # `_route_token`, as `_route_kernel` does, and puts the counter back to zero.
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs_e = c * E_PER + tl.arange(0, E_PER)
@@ -134,25 +154,9 @@ def _gate_route_kernel(
         offs = tl.arange(0, BLOCK_E)
         mask = offs < E
         x = tl.load(logits_ptr + t * E + offs, mask=mask, other=float("-inf"), volatile=True)
-        p = tl.exp(x - tl.max(x, axis=0))
-        p = p / tl.sum(p, axis=0)
-        score = p
-        if HAS_BIAS:
-            score = p + tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        score = tl.where(mask, score, float("-inf"))
-        offs_k = tl.arange(0, BLOCK_K)
-        wk = tl.zeros([BLOCK_K], dtype=tl.float32)
-        ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-        for j in tl.static_range(K):
-            best = tl.argmax(score, axis=0)
-            pick = offs == best
-            wk = tl.where(offs_k == j, tl.sum(tl.where(pick, p, 0.0), axis=0), wk)
-            ids = tl.where(offs_k == j, best.to(tl.int32), ids)
-            score = tl.where(pick, float("-inf"), score)
-        wk = wk / tl.maximum(tl.sum(wk, axis=0), norm_min)
-        mask_k = offs_k < K
-        tl.store(weights_ptr + t * K + offs_k, wk, mask=mask_k)
-        tl.store(ids_ptr + t * K + offs_k, ids, mask=mask_k)
+        _route_token(
+            x, offs, mask, bias_ptr, weights_ptr, ids_ptr, t, norm_min, K, HAS_BIAS, BLOCK_K
+        )
 
 
 GATE_ROUTE_MAX_TOKENS = 4

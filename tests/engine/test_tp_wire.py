@@ -52,3 +52,12 @@ def test_malformed_frames_are_refused() -> None:
     msg, tail = wire.decode(frame[:-4])  # tensor bytes cut short
     with pytest.raises(wire.WireError, match="bad tensor reference"):
         wire.step_parts(msg, tail)
+
+
+def test_single_rank_engine_needs_no_msgspec() -> None:
+    """Only tensor-parallel engines import the wire codec (the GPU image lacks msgspec)."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['msgspec'] = None; import engine.llm_engine, engine.tp_executor"
+    subprocess.run([sys.executable, "-c", code], check=True)
