@@ -232,12 +232,16 @@ def served_wint8() -> Iterator[Served]:
     yield from _serve("--quantization", "wint8")
 
 
-def test_serve_wint8_answers_chat(served_wint8: Served) -> None:
-    client = openai.OpenAI(base_url=f"{served_wint8.url}/v1", api_key="null", max_retries=0)
+def _chat_four_tokens(served: Served) -> None:
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="null", max_retries=0)
     reply = client.chat.completions.create(
         model="null", messages=[{"role": "user", "content": "你好"}], max_tokens=4
     )
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+
+
+def test_serve_wint8_answers_chat(served_wint8: Served) -> None:
+    _chat_four_tokens(served_wint8)
     served_wint8.proc.send_signal(signal.SIGTERM)
     out, _ = served_wint8.proc.communicate(timeout=30)
     # prefill and decode each quantize their copy of the language model
@@ -251,11 +255,7 @@ def served_tp2() -> Iterator[Served]:
 
 def test_serve_tensor_parallel_answers_chat_and_stops_its_workers(served_tp2: Served) -> None:
     # prefill and decode each split the model over 2 CPU ranks (a worker process each)
-    client = openai.OpenAI(base_url=f"{served_tp2.url}/v1", api_key="null", max_retries=0)
-    reply = client.chat.completions.create(
-        model="null", messages=[{"role": "user", "content": "你好"}], max_tokens=4
-    )
-    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 4
+    _chat_four_tokens(served_tp2)
     workers = _descendants(served_tp2.proc.pid, b"engine.tp_executor")
     assert len(workers) == 2, workers
     served_tp2.proc.send_signal(signal.SIGTERM)

@@ -201,7 +201,7 @@ class Ernie45ForCausalLM(nn.Module):
         if self.lm_head.weight is None:  # tied: this rank's rows of the embedding
             w = self.model.embed_tokens.weight
             local = w.narrow(0, shard.start, min(shard.size, shard.full - shard.start))
-            part = small_m_linear(hidden, local, None) if hidden.is_cuda else hidden @ local.t()
+            part = small_m_linear(hidden, local)  # F.linear but for few rows on a GPU
             if part.shape[-1] < shard.size:  # the padded tail of the last rank
                 part = torch.nn.functional.pad(part, (0, shard.size - part.shape[-1]))
         else:
