@@ -65,3 +65,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 for fp32 inputs (the default would be TF32 on
     Hopper and lose ~3 decimal digits); irrelevant for 16-bit inputs."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+PDL = os.environ.get("TANDEM_PDL", "1") != "0"
+"""Programmatic dependent launch for the decode-path kernels (``kernels/triton_impl/pdl.py``).
+On by default on Hopper and newer; ``TANDEM_PDL=0`` turns it off (benchmarks flip this global
+between captures to compare)."""
+
+
+@functools.cache
+def _pdl_capable(index: int) -> bool:
+    if interpreting() or not triton_available():
+        return False
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401  (triton >= 3.3)
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def use_pdl(x: torch.Tensor) -> bool:
+    """True when a Triton launch on x's device should use programmatic dependent launch."""
+    return PDL and x.is_cuda and _pdl_capable(x.device.index or 0)

@@ -6,9 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._dispatch import use_pdl
+from kernels.triton_impl.pdl import pdl_enter
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, stride_ot, I, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(
+    x_ptr, out_ptr, stride_xt, stride_ot, I, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -28,7 +34,8 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
     if t == 0:
         return out
     block = 1024
+    pdl = use_pdl(x)
     _silu_and_mul_kernel[(t, triton.cdiv(inter, block))](
-        x, out, x.stride(0), out.stride(0), inter, BLOCK=block
+        x, out, x.stride(0), out.stride(0), inter, BLOCK=block, PDL=pdl, launch_pdl=pdl
     )
     return out

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import dot_precision, next_pow2
+from kernels._dispatch import dot_precision, next_pow2, use_pdl
+from kernels.triton_impl.pdl import pdl_enter
 
 _LOG2E = 1.4426950408889634
 
@@ -42,7 +43,9 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,7 +118,9 @@ def _decode_merge_kernel(
     D: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + b)
@@ -194,6 +199,7 @@ def paged_attention_decode(
     part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
     group = hq // hkv
+    pdl = use_pdl(q)
     _decode_split_kernel[(b, hkv, num_splits)](
         q,
         k_cache,
@@ -217,7 +223,9 @@ def paged_attention_decode(
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(d)),
         DOT_PRECISION=dot_precision(q.dtype),
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     _decode_merge_kernel[(b, hq)](
         part_out,
@@ -231,5 +239,7 @@ def paged_attention_decode(
         D=d,
         BLOCK_S=next_pow2(num_splits),
         BLOCK_D=next_pow2(d),
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out

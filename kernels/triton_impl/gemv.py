@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import next_pow2
+from kernels._dispatch import next_pow2, use_pdl
+from kernels.triton_impl.pdl import pdl_enter
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,10 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]); one program = BLOCK_N rows of w, all M rows.
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -99,6 +102,7 @@ def gemv_triton(
         assert bias.shape == (n,) and bias.is_contiguous(), bias.shape
     tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    pdl = use_pdl(x)
     _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
         x,
         weight,
@@ -114,8 +118,10 @@ def gemv_triton(
         HAS_BIAS=bias is not None,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
+        PDL=pdl,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        launch_pdl=pdl,
     )
     return y
 
@@ -152,7 +158,7 @@ def _moe_up_kernel(
     I,
     IS,
     D,
-    n_routed,
+    n_shared,
     stride_xt,
     stride_we,
     stride_wn,
@@ -163,29 +169,32 @@ def _moe_up_kernel(
     HAS_SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # h[r] = silu(w13[e][:I] @ x[t]) * (w13[e][I:] @ x[t]), r = t * TOPK + j, e = ids[r];
-    # programs past the routed ones do the same for the shared experts' [gate; up] rows
+    # the first n_shared programs do the same for the shared experts' [gate; up] rows
     # (intermediate IS) into hs[t]. 1-D grid: (row, column block) pairs.
+    pdl_enter(PDL)
     pid = tl.program_id(0)
-    if HAS_SHARED and pid >= n_routed:
-        q = pid - n_routed
-        t = q // NB_S
-        cb = q % NB_S
+    if HAS_SHARED and pid < n_shared:
+        t = pid // NB_S
+        cb = pid % NB_S
         base = ws_ptr
         inter = IS
         stride_n = stride_wsn
         h_row = hs_ptr + t.to(tl.int64) * IS
+        offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     else:
-        r = pid // NB_I
-        cb = pid % NB_I
+        q = pid - n_shared
+        r = q // NB_I
+        cb = q % NB_I
         t = r // TOPK
         e = tl.load(ids_ptr + r).to(tl.int64)
         base = w_ptr + e * stride_we
         inter = I
         stride_n = stride_wn
         h_row = h_ptr + r.to(tl.int64) * I
-    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < inter
     g_rows = base + offs_n.to(tl.int64)[:, None] * stride_n
     u_rows = g_rows + inter * stride_n
@@ -241,9 +250,11 @@ def _moe_down_kernel(
     HAS_SHARED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # out[t] = round(sum_j wt[t, j] * round(w2[e_j] @ h[t * TOPK + j])) (+ add[t], rounded),
     # the add being the shared experts' round(ws2 @ hs[t]) when HAS_SHARED
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
@@ -309,9 +320,10 @@ def fused_moe_decode(
     h = torch.empty(t * top_k, i, dtype=x.dtype, device=x.device)  # [T*k, I]
     hs = torch.empty(t, max(i_s, 1), dtype=x.dtype, device=x.device)  # [T, Is]
     nb_i, nb_s = triton.cdiv(i, tiles.up_block_n), triton.cdiv(max(i_s, 1), tiles.up_block_n)
-    n_routed = t * top_k * nb_i
+    n_shared = t * nb_s if shared is not None else 0
     ws13, ws2 = shared if shared is not None else (w13, w2)  # placeholders when unused
-    _moe_up_kernel[(n_routed + (t * nb_s if shared is not None else 0),)](
+    pdl = use_pdl(x)
+    _moe_up_kernel[(n_shared + t * top_k * nb_i,)](
         x,
         w13,
         topk_ids,
@@ -321,7 +333,7 @@ def fused_moe_decode(
         i,
         i_s,
         d,
-        n_routed,
+        n_shared,
         x.stride(0),
         w13.stride(0),
         w13.stride(1),
@@ -332,8 +344,10 @@ def fused_moe_decode(
         HAS_SHARED=shared is not None,
         BLOCK_N=tiles.up_block_n,
         BLOCK_K=tiles.up_block_k,
+        PDL=pdl,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        launch_pdl=pdl,
     )
     _moe_down_kernel[(t, triton.cdiv(d, tiles.down_block_n))](
         h,
@@ -355,43 +369,9 @@ def fused_moe_decode(
         HAS_SHARED=shared is not None,
         BLOCK_N=tiles.down_block_n,
         BLOCK_K=tiles.down_block_k,
+        PDL=pdl,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-    )
-    return out
-    h = torch.empty(t * top_k, i, dtype=x.dtype, device=x.device)  # [T*k, I]
-    _moe_up_kernel[(t * top_k, triton.cdiv(i, tiles.up_block_n))](
-        x,
-        w13,
-        topk_ids,
-        h,
-        i,
-        d,
-        x.stride(0),
-        w13.stride(0),
-        w13.stride(1),
-        TOPK=top_k,
-        BLOCK_N=tiles.up_block_n,
-        BLOCK_K=tiles.up_block_k,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-    )
-    _moe_down_kernel[(t, triton.cdiv(d, tiles.down_block_n))](
-        h,
-        w2,
-        topk_ids,
-        topk_weights,
-        out if add is None else add,
-        out,
-        d,
-        i,
-        w2.stride(0),
-        w2.stride(1),
-        TOPK=top_k,
-        HAS_ADD=add is not None,
-        BLOCK_N=tiles.down_block_n,
-        BLOCK_K=tiles.down_block_k,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
+        launch_pdl=pdl,
     )
     return out

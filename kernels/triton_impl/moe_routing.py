@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import next_pow2
+from kernels._dispatch import next_pow2, use_pdl
+from kernels.triton_impl.pdl import pdl_enter
 
 
 @triton.jit
@@ -66,7 +67,9 @@ def _route_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
@@ -103,6 +106,8 @@ def route_triton(
         HAS_BIAS=bias is not None,
         BLOCK_E=next_pow2(e),
         BLOCK_K=next_pow2(k),
+        PDL=use_pdl(gate_logits),
+        launch_pdl=use_pdl(gate_logits),
     )
     return weights, ids
 
@@ -127,12 +132,14 @@ def _gate_route_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # Grid (T, NPROG): program (t, c) computes the fp32 logits of experts
     # [c*E_PER, (c+1)*E_PER) for token t from the bf16/fp32 hidden row (upcast in registers,
     # as `F.linear(x.float(), W)`), publishes them, and bumps the token's counter; the
     # program that bumps it last (acq_rel atomics order the stores) routes the token with
     # `_route_token`, as `_route_kernel` does, and puts the counter back to zero.
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs_e = c * E_PER + tl.arange(0, E_PER)
@@ -202,6 +209,7 @@ def gate_route_triton(
     ids = torch.empty(t, k, dtype=torch.int32, device=dev)  # [T, k]
     per = next_pow2(min(experts_per_program, e))
     nprog = triton.cdiv(e, per)
+    pdl = use_pdl(x)
     _gate_route_kernel[(t, nprog)](
         x,
         gate_weight,
@@ -221,7 +229,9 @@ def gate_route_triton(
         BLOCK_D=block_d,
         BLOCK_E=next_pow2(e),
         BLOCK_K=next_pow2(k),
+        PDL=pdl,
         num_warps=num_warps,
+        launch_pdl=pdl,
     )
     return weights, ids
 

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import next_pow2
+from kernels._dispatch import next_pow2, use_pdl
+from kernels.triton_impl.pdl import pdl_enter
 
 
 @triton.jit
@@ -24,7 +25,9 @@ def _rms_norm_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -58,6 +61,7 @@ def rms_norm_triton(
     if t == 0:
         return out, res_out
     res = x if residual is None else residual  # placeholder pointer when unused
+    pdl = use_pdl(x)
     _rms_norm_kernel[(t,)](
         x,
         res,
@@ -72,5 +76,7 @@ def rms_norm_triton(
         D=d,
         BLOCK_D=next_pow2(d),
         HAS_RESIDUAL=residual is not None,
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return out, res_out

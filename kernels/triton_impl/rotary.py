@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import next_pow2
+from kernels._dispatch import next_pow2, use_pdl
+from kernels.triton_impl.pdl import pdl_enter
 
 
 @triton.jit
@@ -64,7 +65,9 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,
     BLOCK_HKV: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_p = tl.arange(0, BLOCK_P)
     mask_p = offs_p < D // 2
@@ -110,6 +113,7 @@ def rotary_embedding_triton(
         return
     v, k_cache, v_cache, slots = kv_write if kv_write is not None else (k, k, k, positions)
     assert v.stride(2) == 1, "v's head dim must be contiguous"
+    pdl = use_pdl(q)
     _rotary_kernel[(t,)](
         q,
         k,
@@ -134,4 +138,6 @@ def rotary_embedding_triton(
         BLOCK_HQ=next_pow2(hq),
         BLOCK_HKV=next_pow2(hkv),
         BLOCK_P=next_pow2(d // 2),
+        PDL=pdl,
+        launch_pdl=pdl,
     )

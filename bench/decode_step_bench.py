@@ -1,0 +1,280 @@
+"""Decode-step A/B at ERNIE-4.5-VL-28B-A3B shapes: kernel launch options, one device call.
+
+Builds the 28B text model (random bf16 weights, as bench/gpu_bench.py), then for each variant
+(``VARIANTS``: settings of module switches such as ``kernels._dispatch.PDL``) captures its own
+decode CUDA graphs and:
+
+1. checks its logits against the first variant's, graph and eager (bit-identical unless the
+   variant changes arithmetic; ``--tolerance`` says by how much it may);
+2. times every variant in rounds, order rotated each round, as the bare graph replay and as
+   ``runner.run`` (host packing + replay); reports medians, spread and the paired change;
+3. profiles a few replays of each variant at batch 1 (torch.profiler, kernels inside the
+   graph): per replay the span from the first kernel's start to the last one's end, the
+   time no kernel runs, and the kernels by total time.
+
+Beside every time: the step's memory-bandwidth limit (weights + KV a step must read, at the
+copy bandwidth measured in the same run).
+
+    PYTHONPATH=. PYTHONUNBUFFERED=1 python3 bench/decode_step_bench.py [--batches 1,4,64,256]
+
+Writes ``$OUT/decode_step_bench.json`` and the profiles' chrome traces when ``$OUT`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.gpu_bench import (
+    BLOCK,
+    RESULTS,
+    bench,
+    build_tandem,
+    free,
+    hf_config_dict,
+    limits,
+    log,
+    param_budget,
+    rooflines,
+    seqs_decode,
+)
+from engine.config import ModelConfig
+from engine.model_runner import ModelRunner
+from kernels import _dispatch
+
+# name -> settings of the launch switches
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"PDL": False},
+    "pdl": {"PDL": True},
+}
+
+
+def use(name: str) -> None:
+    for key, value in VARIANTS[name].items():
+        setattr(_dispatch, key, value)
+
+
+def kernel_spans(trace: Path, gap_us: float = 100.0) -> dict[str, Any]:
+    """Kernels of a chrome trace, grouped into replays (split at idle gaps > gap_us)."""
+    events = json.loads(trace.read_text())["traceEvents"]
+    ks = sorted(
+        (e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"]
+    )
+    groups: list[list[dict]] = []
+    end = -1e18
+    for e in ks:
+        if e["ts"] - end > gap_us:
+            groups.append([])
+        groups[-1].append(e)
+        end = max(end, e["ts"] + e["dur"])
+    rows = []
+    for g in groups:
+        start = g[0]["ts"]
+        stop = max(e["ts"] + e["dur"] for e in g)
+        busy, cur_s, cur_e = 0.0, None, None  # union of kernel intervals
+        for e in g:
+            s, t = e["ts"], e["ts"] + e["dur"]
+            if cur_e is None or s > cur_e:
+                if cur_e is not None:
+                    busy += cur_e - cur_s
+                cur_s, cur_e = s, t
+            else:
+                cur_e = max(cur_e, t)
+        if cur_e is not None:
+            busy += cur_e - cur_s
+        rows.append(
+            {
+                "kernels": len(g),
+                "span_us": stop - start,
+                "busy_us": busy,
+                "idle_us": stop - start - busy,
+                "sum_dur_us": sum(e["dur"] for e in g),
+            }
+        )
+    by_name: dict[str, list[float]] = {}
+    last = groups[-1] if groups else []
+    for e in last:
+        by_name.setdefault(e["name"], []).append(e["dur"])
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]
+    return {
+        "replays": rows,
+        "top_kernels_last_replay": [
+            {"name": n[:90], "count": len(d), "total_us": sum(d), "mean_us": sum(d) / len(d)}
+            for n, d in top
+        ],
+    }
+
+
+def profile_replays(graph: Any, out: Path, name: str, replays: int = 6) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            graph.replay()
+            torch.cuda.synchronize()
+    path = out / f"decode_b1_{name.replace('+', '_')}.trace.json"
+    prof.export_chrome_trace(str(path))
+    res = kernel_spans(path)
+    reps = res["replays"][1:] or res["replays"]  # the first may carry profiler start-up
+    med = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+    res["median"] = med
+    log(
+        f"  profile {name}: {med['kernels']:.0f} kernels/replay, span {med['span_us']:.0f} us, "
+        f"kernels busy {med['busy_us']:.0f} us, idle {med['idle_us']:.0f} us, "
+        f"sum of kernel durations {med['sum_dur_us']:.0f} us"
+    )
+    for k in res["top_kernels_last_replay"][:10]:
+        log(f"    {k['total_us']:8.1f} us  {k['count']:4d} x {k['mean_us']:6.2f}  {k['name']}")
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", default="1,4,64,256")
+    ap.add_argument("--ctx", type=int, default=512, help="context of batches <= 4")
+    ap.add_argument("--ctx-big", type=int, default=768, help="context of batches > 4")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    torch.manual_seed(0)
+    out = Path(os.environ.get("OUT") or "/tmp")
+    names = args.variants.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    p = torch.cuda.get_device_properties(dev)
+    log(f"{p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}")
+    rooflines(dev, False)
+    free(dev)
+    cfg = ModelConfig.from_dict(hf_config_dict(False))
+    model = build_tandem(cfg, dev, dtype)
+    budget = param_budget(model)
+    lim = limits(budget, RESULTS["roof"])
+    ctx_of = {b: args.ctx if b <= 4 else args.ctx_big for b in batches}
+    blocks_per = -(-max(ctx_of.values()) // BLOCK)
+    runner = ModelRunner(model, cfg, blocks_per * max(batches), BLOCK, dtype, dev, cuda_graphs=True)
+    with torch.no_grad():
+        for kc, vc in runner.kv_caches:
+            kc.normal_()
+            vc.normal_()
+    vocab, is3d = cfg.text.vocab_size, cfg.text.mrope_section is not None
+    cases = [(b, seqs_decode(b, ctx_of[b], vocab, blocks_per, is3d)) for b in batches]
+    g = runner.graphs
+    assert g is not None
+    from engine.cuda_graphs import CudaStepGraph
+
+    keep_graphs, keep_make = g.graphs, g.make_graph
+    keep_flags = {k: getattr(_dispatch, k) for v in VARIANTS.values() for k in v}
+    store: dict[str, dict] = {}
+    logits: dict[tuple[str, int], torch.Tensor] = {}
+    eager: dict[tuple[str, int], torch.Tensor] = {}
+    results: dict[str, Any] = {"env": {"gpu": p.name, "torch": torch.__version__}, "cases": {}}
+    results["roof"] = RESULTS["roof"]
+    failures: list[str] = []
+    try:
+        for n in names:  # capture every variant's graphs once, each in its own pool
+            use(n)
+            g.make_graph = functools.partial(CudaStepGraph, torch.cuda.graph_pool_handle())
+            g.graphs = {}
+            for b, seqs in cases:
+                logits[(n, b)] = torch.cat(runner.run(seqs)).float().clone()
+                runner.graphs = None
+                try:
+                    eager[(n, b)] = torch.cat(runner.run(seqs)).float().clone()
+                finally:
+                    runner.graphs = g
+            store[n] = g.graphs
+        for b, _ in cases:
+            for n in names:
+                d_graph = float((logits[(n, b)] - logits[(names[0], b)]).abs().max())
+                d_eager = float((eager[(n, b)] - eager[(names[0], b)]).abs().max())
+                log(f"  b{b} {n}: |dlogits| vs {names[0]}: graph {d_graph}, eager {d_eager}")
+                if d_graph != 0.0 or d_eager != 0.0:
+                    failures.append(
+                        f"b{b} {n}: logits differ from {names[0]} ({d_graph}, {d_eager})"
+                    )
+        times: dict[tuple[str, int], dict[str, list[float]]] = {}
+        for b, seqs in cases:
+            bucket = g.bucket(b)
+            for r in range(args.rounds):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                parts = []
+                for n in order:
+                    use(n)
+                    g.graphs = store[n]
+                    runner.run(seqs)  # this case's static inputs
+                    step = bench(functools.partial(runner.run, seqs), dev, 3, args.iters)
+                    graph = g.graphs[bucket][0]
+                    rep = bench(graph.replay, dev, 3, args.iters)
+                    tt = times.setdefault((n, b), {"step": [], "replay": []})
+                    tt["step"].append(step["median_ms"])
+                    tt["replay"].append(rep["median_ms"])
+                    parts.append(f"{n} {step['median_ms']:.3f}/{rep['median_ms']:.3f}")
+                log(f"  b{b} round {r + 1}: " + ", ".join(parts) + "  (step/replay ms)")
+        lines = [
+            f"| batch (ctx) | variant | graph replay ms | paired vs {names[0]} | runner.run ms "
+            f"| paired vs {names[0]} | limit ms | replay / limit |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for b, _ in cases:
+            limit = lim["decode"](b, ctx_of[b])
+            base = times[(names[0], b)]
+            for n in names:
+                tt = times[(n, b)]
+                row = {
+                    "replay_ms": statistics.median(tt["replay"]),
+                    "replay_rounds": tt["replay"],
+                    "step_ms": statistics.median(tt["step"]),
+                    "step_rounds": tt["step"],
+                    "replay_vs_first_ms": statistics.median(
+                        x - y for x, y in zip(tt["replay"], base["replay"], strict=True)
+                    ),
+                    "step_vs_first_ms": statistics.median(
+                        x - y for x, y in zip(tt["step"], base["step"], strict=True)
+                    ),
+                    "limit_ms": limit,
+                    "tok_s_replay": b / (statistics.median(tt["replay"]) * 1e-3),
+                }
+                results["cases"][f"b{b} {n}"] = row
+                lines.append(
+                    f"| b{b} ({ctx_of[b]}) | {n} | {row['replay_ms']:.3f} "
+                    f"({min(tt['replay']):.3f}-{max(tt['replay']):.3f}) | "
+                    f"{row['replay_vs_first_ms']:+.3f} | {row['step_ms']:.3f} | "
+                    f"{row['step_vs_first_ms']:+.3f} | {limit:.3f} | "
+                    f"{row['replay_ms'] / limit:.2f} |"
+                )
+        results["table"] = lines
+        if not args.no_profile and 1 in batches:
+            results["profile"] = {}
+            for n in names:
+                use(n)
+                results["profile"][n] = profile_replays(store[n][g.bucket(1)][0], out, n)
+    finally:
+        g.graphs, g.make_graph = keep_graphs, keep_make
+        for key, value in keep_flags.items():
+            setattr(_dispatch, key, value)
+    del model, runner, store
+    free(dev)
+    results["failures"] = failures
+    (out / "decode_step_bench.json").write_text(json.dumps(results, indent=1, default=str))
+    log("\n" + "\n".join(lines))
+    if failures:
+        log("FAILURES:\n  " + "\n  ".join(failures))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
