@@ -245,6 +245,29 @@ def kernel_checks(dev: torch.device, tiny: bool) -> None:
         _err(f"rotary+write_kv q T={t}", qg, qr, 0.0)
         _err(f"rotary+write_kv k_cache T={t}", kg_, kr_, 0.0)
         _err(f"rotary+write_kv v_cache T={t}", vg_, vr_, 0.0)
+        # qkv projection + rotary + cache write in one launch (decode, one row) vs linear,
+        # then the Triton rotary with the cache write; 3-D step table as the model builds it
+        from engine.layers.rotary import TextRotary
+        from kernels.gemv import linear, qkv_rope_linear
+
+        rot = TextRotary(d, 500000.0, (22, 22, 20)).to(dev)
+        x = rnd(1, hidden)
+        w = rnd((hq + 2 * hkv) * d, hidden, scale=hidden**-0.5)
+        pos1 = torch.randint(0, 4096, (3, 1), generator=g).to(dev)
+        table, rows = rot.step_table(pos1)
+        slot1 = slots[1:2]  # a real slot
+        kg_, vg_ = kc.clone(), vc.clone()
+        got = qkv_rope_linear(x, w, None, hq, hkv, (table, rows), (kg_, vg_, slot1), impl=impl)
+        kr_, vr_ = kc.clone(), vc.clone()
+        ref = linear(x, w, impl="torch")
+        q1, k1, v1 = ref.split([hq * d, hkv * d, hkv * d], dim=-1)
+        kernels.rotary_embedding(
+            q1.view(1, hq, d), k1.view(1, hkv, d), rows, table, impl=impl,
+            kv_write=(v1.view(1, hkv, d), kr_, vr_, slot1),
+        )  # fmt: skip
+        _err("qkv+rotary+write_kv qkv T=1", got, ref, 1e-2)
+        _err("qkv+rotary+write_kv k_cache T=1", kg_, kr_, 1e-2)
+        _err("qkv+rotary+write_kv v_cache T=1", vg_, vr_, 1e-2)
 
     def check_paged_attention() -> None:
         # paged attention: decode (one query each) and mixed prefill chunks

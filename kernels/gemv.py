@@ -17,6 +17,9 @@ from kernels._dispatch import Impl, use_triton
 # M=4 (fp32 FMAs, x re-read per row tile), so only single-row steps take it (bench/RESULTS.md).
 GEMV_ENABLED = True
 GEMV_MAX_M = 1
+QKV_ROPE_FUSED = True
+"""``qkv_rope_linear`` runs the projection, rotary and cache write in one launch where the GEMV
+runs (read at trace time, like the switches above; benchmarks flip it between captures)."""
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, impl: Impl = None) -> bool:
@@ -38,3 +41,55 @@ def linear(
     from kernels.triton_impl.gemv import gemv_triton
 
     return gemv_triton(x, weight, bias)
+
+
+def qkv_rope_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    impl: Impl = None,
+) -> torch.Tensor:
+    """The attention's qkv projection, rotary embedding and KV-cache write in one launch.
+
+    x ``[M, K]``; weight ``[(Hq + 2 Hkv) D, K]`` stacked q, k, v; rope = (table ``[T, D]`` fp32
+    cos | sin, rows ``[M]`` int64) as ``TextRotary.step_table`` builds them; kv_write =
+    (k_cache, v_cache, slot_mapping ``[M]``). Returns qkv ``[M, (Hq + 2 Hkv) D]`` with q and k
+    rotated; the rotated k and v are in the cache. Same values as ``linear`` followed by
+    ``kernels.rotary_embedding(q, k, rows, table, kv_write=...)``, which is also the path
+    taken where the GEMV is not (CPU, more than ``GEMV_MAX_M`` rows)."""
+    # M rows, D head dim
+    table, rows = rope
+    k_cache, v_cache, slots = kv_write
+    d = table.shape[1]
+    assert weight.shape[0] == (num_heads + 2 * num_kv_heads) * d, (weight.shape, d)
+    assert rows.shape == (x.shape[0],) and rows.dtype == torch.int64, (rows.shape, rows.dtype)
+    assert table.dtype == torch.float32 and table.is_contiguous(), table.dtype
+    fused = QKV_ROPE_FUSED or impl is not None
+    if (
+        fused
+        and use_gemv(x, weight, impl)
+        and d % 4 == 0
+        and (bias is None or bias.is_contiguous())
+    ):
+        from kernels.triton_impl.gemv import qkv_rope_triton
+
+        assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_kv_heads, d), k_cache.shape
+        assert v_cache.shape == k_cache.shape and k_cache.dtype == v_cache.dtype == x.dtype
+        assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
+        assert slots.shape == rows.shape and slots.dtype == torch.int64, slots.dtype
+        return qkv_rope_triton(
+            x, weight, bias, num_heads, num_kv_heads, table, rows, k_cache, v_cache, slots
+        )
+    from kernels.rotary import rotary_embedding
+
+    qkv = linear(x, weight, bias, impl)
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q = q.view(-1, num_heads, d)  # views: rotated in place inside qkv
+    k = k.view(-1, num_kv_heads, d)
+    v = v.view(-1, num_kv_heads, d)
+    rotary_embedding(q, k, rows, table, impl=impl, kv_write=(v, k_cache, v_cache, slots))
+    return qkv

@@ -23,6 +23,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import TextRotary
 from engine.parallel import current_tp, even_shard, kv_head_shard, padded_shard
 from kernels.gemv import linear as small_m_linear
+from kernels.gemv import qkv_rope_linear
 from kernels.rotary import rotary_embedding
 
 
@@ -54,15 +55,31 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """rope = `TextRotary.step_table(positions)`."""
         # T tokens, H query heads, K kv heads, D head dim
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.out_sizes, dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)  # [T, H, D] views of the qkv output
-        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [T, K, D]
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
         table, rows = rope
-        # rotate q and k in place and write k, v into the paged cache: one launch on GPU
-        rotary_embedding(q, k, rows, table, kv_write=(v, *kv_cache, meta.slot_mapping))
+        kv_write = (*kv_cache, meta.slot_mapping)
+        if type(self.qkv_proj) is MergedLinear:
+            # project, rotate q and k, write k and v into the paged cache: one launch where
+            # the decode GEMV runs, else the projection then one rotary launch
+            qkv = qkv_rope_linear(
+                x, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads,
+                rope, kv_write,
+            )  # fmt: skip
+            q, k, v = self._heads(qkv)
+        else:  # quantized projection
+            q, k, v = self._heads(self.qkv_proj(x))
+            rotary_embedding(q, k, rows, table, kv_write=(v, *kv_write))
         out = self.attn(q, k, v, kv_cache, meta, kv_written=True)  # [T, H, D]
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
+
+    def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv `[T, (H + 2K) D]` -> views q `[T, H, D]`, k and v `[T, K, D]`."""
+        q, k, v = qkv.split(self.qkv_proj.out_sizes, dim=-1)
+        d = self.head_dim
+        return (
+            q.view(-1, self.num_heads, d),
+            k.view(-1, self.num_kv_heads, d),
+            v.view(-1, self.num_kv_heads, d),
+        )
 
 
 class DecoderLayer(nn.Module):

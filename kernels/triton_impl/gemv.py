@@ -42,6 +42,42 @@ def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
 
 
 @triton.jit
+def _gemv_acc(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    offs_n,
+    mask_n,
+    offs_m,
+    mask_m,
+    K,
+    stride_xm,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    M_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # fp32 [M_PAD, BLOCK_N]: sum_k x[m, k] * w[n, k] (+ b[n]) for this program's rows of w
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # reduced once, at the end
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [M_PAD, BLOCK_K]
+        acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    acc = tl.sum(acc3, axis=2)  # [M_PAD, BLOCK_N]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr,
     w_ptr,
@@ -61,28 +97,85 @@ def _gemv_kernel(
 ):
     # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]); one program = BLOCK_N rows of w, all M rows.
     pdl_enter(PDL)
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < M
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once, at the end
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # [M_PAD, BLOCK_K]
-        acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-    acc = tl.sum(acc3, axis=2)  # [M_PAD, BLOCK_N]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    acc = _gemv_acc(
+        x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _qkv_rope_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    table_ptr,
+    rows_ptr,
+    slot_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_ym,
+    M: tl.constexpr,
+    M_PAD: tl.constexpr,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # The qkv projection y = [q | k | v] (as _gemv_kernel), then in registers: the rotary
+    # embedding of the q and k columns (interleaved pairs (2j, 2j+1), angles from row
+    # rows[m] of the step's cos|sin table) and the rotated k and the v columns written into
+    # the paged cache at slot[m] (< 0: skip). BLOCK_N divides D, so a program's columns
+    # lie in one head: its pairs are whole and it is all q, all k or all v.
+    pdl_enter(PDL)
+    n0 = tl.program_id(0) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_m = tl.arange(0, M_PAD)
+    mask_m = offs_m < M
+    acc = _gemv_acc(
+        x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
+    y = acc.to(y_ptr.dtype.element_ty)  # rounded as the linear's output is, then rotated
+    half: tl.constexpr = BLOCK_N // 2
+    a, b = tl.split(tl.reshape(y.to(tl.float32), [M_PAD, half, 2]))  # even, odd columns
+    pair = (n0 % D) // 2 + tl.arange(0, half)  # [half] frequency index of each pair
+    row = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)  # [M_PAD]
+    trig = table_ptr + row[:, None] * D + pair[None, :]  # [M_PAD, half]
+    trig_mask = mask_m[:, None] & (pair < D // 2)[None, :]
+    cos = tl.load(trig, mask=trig_mask, other=1.0)
+    sin = tl.load(trig + D // 2, mask=trig_mask, other=0.0)
+    ra = a * cos - b * sin
+    rb = b * cos + a * sin
+    rot = tl.reshape(tl.join(ra, rb), [M_PAD, BLOCK_N]).to(y_ptr.dtype.element_ty)
+    y = tl.where(n0 < (HQ + HKV) * D, rot, y)  # v columns are not rotated
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
+    if n0 >= HQ * D:  # k or v columns: into the cache row of each token's slot
+        slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)  # [M_PAD] int64
+        c = offs_n - HQ * D  # [BLOCK_N] column within [k | v]
+        is_v = n0 >= (HQ + HKV) * D
+        col = tl.where(is_v, c - HKV * D, c)
+        dst = slot[:, None] * (HKV * D) + col[None, :]
+        keep = mask & (slot[:, None] >= 0)
+        if is_v:
+            tl.store(v_cache_ptr + dst, y.to(v_cache_ptr.dtype.element_ty), mask=keep)
+        else:
+            tl.store(k_cache_ptr + dst, y.to(k_cache_ptr.dtype.element_ty), mask=keep)
 
 
 def gemv_triton(
@@ -115,6 +208,59 @@ def gemv_triton(
         y.stride(0),
         M=m,
         M_PAD=next_pow2(m),
+        HAS_BIAS=bias is not None,
+        BLOCK_N=tiles.block_n,
+        BLOCK_K=tiles.block_k,
+        PDL=pdl,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        launch_pdl=pdl,
+    )
+    return y
+
+
+def qkv_rope_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+    table: torch.Tensor,
+    rows: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    tiles: GemvTiles | None = None,
+) -> torch.Tensor:
+    """Shapes are checked by ``kernels.gemv.qkv_rope_linear``; returns ``[M, N]``."""
+    # M rows, K in, N = (Hq + 2 Hkv) D out
+    m, k = x.shape
+    n = weight.shape[0]
+    d = table.shape[1]
+    tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
+    assert d % tiles.block_n == 0 and tiles.block_n % 2 == 0, (d, tiles.block_n)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
+    pdl = use_pdl(x)
+    _qkv_rope_kernel[(triton.cdiv(n, tiles.block_n),)](
+        x,
+        weight,
+        weight if bias is None else bias,
+        y,
+        table,
+        rows,
+        slot_mapping,
+        k_cache,
+        v_cache,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        M=m,
+        M_PAD=next_pow2(m),
+        HQ=num_heads,
+        HKV=num_kv_heads,
+        D=d,
         HAS_BIAS=bias is not None,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
