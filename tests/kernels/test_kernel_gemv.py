@@ -129,10 +129,9 @@ def test_qkv_rope_matches_linear_then_rotary(
     m: int, dtype: torch.dtype, with_bias: bool, heads: tuple[int, int]
 ) -> None:
     """One launch = linear, then rotary of q/k by the step table, then k/v into the cache."""
-    from kernels.triton_impl.gemv import GemvTiles, qkv_rope_triton
-
     from engine.layers.rotary import TextRotary
     from kernels.gemv import qkv_rope_linear
+    from kernels.triton_impl.gemv import GemvTiles, qkv_rope_triton
 
     hq, hkv = heads
     d, k_in, blocks, bs = 16, 72, 5, 4
