@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels._dispatch import Impl, use_triton
+from kernels.rms_norm import rms_norm
 
 
 def route(
@@ -49,13 +50,57 @@ def gate_route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The router's logits (``x.float() @ gate_weight.float().T``, fp32 as ERNIE routes)
     then ``route``. At decode sizes the Triton kernel does both in one launch."""
-    if use_triton(x, impl) and x.shape[0] > 0 and gate_weight.dtype == torch.float32:
-        from kernels.triton_impl.moe_routing import GATE_ROUTE_MAX_TOKENS, gate_route_triton
+    if _gate_route_in_one_launch(x, gate_weight, impl):
+        from kernels.triton_impl.moe_routing import gate_route_triton
 
-        if x.shape[0] <= GATE_ROUTE_MAX_TOKENS and x.stride(-1) == 1:
-            return gate_route_triton(x, gate_weight.contiguous(), k, bias, norm_min)
+        return gate_route_triton(x, gate_weight.contiguous(), k, bias, norm_min)
     logits = F.linear(x.float(), gate_weight.float())  # [T, E]
     return route(logits, k, bias, norm_min, impl=impl)
+
+
+FUSED_NORM_ROUTE = True
+"""`norm_gate_route` runs the RMSNorm inside the router's decode launch; False: the norm
+launch then `gate_route` (same results). Benchmarks flip it between CUDA-graph captures."""
+
+
+def norm_gate_route(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_weight: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    norm_min: float = 1e-12,
+    impl: Impl = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x, residual_out = rms_norm(h, norm_weight, eps, residual)`` then
+    ``gate_route(x, ...)``; returns ``(topk_weights, topk_ids, x, residual_out)``.
+
+    Where ``gate_route`` takes one launch (decode sizes, GPU) the norm rides in it, with
+    the same roundings as the norm kernel: one launch a MoE layer fewer.
+    """
+    # T tokens, D hidden
+    assert h.dim() == 2 and norm_weight.shape == (h.shape[1],), (h.shape, norm_weight.shape)
+    if residual is not None:
+        assert residual.shape == h.shape and residual.dtype == h.dtype, (residual.shape, h.shape)
+    if FUSED_NORM_ROUTE and _gate_route_in_one_launch(h, gate_weight, impl):
+        from kernels.triton_impl.moe_routing import norm_gate_route_triton
+
+        return norm_gate_route_triton(
+            h, residual, norm_weight.contiguous(), eps, gate_weight.contiguous(), k, bias, norm_min
+        )
+    x, residual_out = rms_norm(h, norm_weight, eps, residual, impl=impl)  # [T, D] each
+    return (*gate_route(x, gate_weight, k, bias, norm_min, impl=impl), x, residual_out)
+
+
+def _gate_route_in_one_launch(x: torch.Tensor, gate_weight: torch.Tensor, impl: Impl) -> bool:
+    """Decode sizes on the Triton path with an fp32 router: `gate_route_triton` applies."""
+    if not (use_triton(x, impl) and x.shape[0] > 0 and gate_weight.dtype == torch.float32):
+        return False
+    from kernels.triton_impl.moe_routing import GATE_ROUTE_MAX_TOKENS
+
+    return x.shape[0] <= GATE_ROUTE_MAX_TOKENS and x.stride(-1) == 1
 
 
 def fused_moe_ref(

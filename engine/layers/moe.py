@@ -14,8 +14,9 @@ from torch import nn
 
 from engine.layers.linear import Linear, MergedLinear, check_shape
 from engine.layers.mlp import GatedMLP
+from engine.layers.norm import RMSNorm
 from engine.parallel import Shard, current_tp, even_shard
-from kernels.moe import fused_moe, gate_route, shares_decode_launches
+from kernels.moe import fused_moe, gate_route, norm_gate_route, shares_decode_launches
 
 
 class Router(nn.Module):
@@ -33,6 +34,22 @@ class Router(nn.Module):
         # fp32 logits as ERNIE routes, softmax, biased top-k, renormalise: at decode one
         # Triton launch on GPU (kernels.moe.gate_route), else cuBLAS + one routing launch
         return gate_route(x, self.weight, self.top_k, self.e_score_correction_bias, self.norm_min)
+
+    def add_norm_forward(
+        self, h: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Route `x, residual_out = norm.add_forward(h, residual)`; returns (weights, ids, x,
+        residual_out). At decode on GPU the norm rides in the router's one launch."""
+        return norm_gate_route(
+            h,
+            residual,
+            norm.weight,
+            norm.eps,
+            self.weight,
+            self.top_k,
+            self.e_score_correction_bias,
+            self.norm_min,
+        )
 
 
 class Experts(nn.Module):
@@ -117,6 +134,18 @@ class ExpertGroup(nn.Module):
             return self.experts(x, weights.to(torch.float32), ids, shared=shared)
         return self.experts(x, weights.to(torch.float32), ids, add)
 
+    def add_norm_forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
+        shared: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward(x, shared=shared)` of `x, residual_out = norm.add_forward(h, residual)`,
+        the norm fused into the router; returns (routed + shared sum, residual_out)."""
+        weights, ids, x, residual = self.gate.add_norm_forward(h, residual, norm)
+        return self.experts(x, weights.to(torch.float32), ids, shared=shared), residual
+
 
 class MoEBlock(nn.Module):
     """Text experts, optional vision experts, optional shared experts."""
@@ -148,14 +177,33 @@ class MoEBlock(nn.Module):
         the step can be captured in a CUDA graph; a mask costs a host sync to split rows."""
         return self.tp.all_reduce(self._partial(x, vision_mask))  # ranks hold parts of I
 
+    def add_norm_forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
+        vision_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block after its pre-norm: `x, residual_out = norm.add_forward(h, residual)`,
+        returns (`self(x, vision_mask)`, residual_out). On the decode path the norm runs
+        inside the router's launch (`kernels.moe.norm_gate_route`): one launch fewer."""
+        if self._shared_rides_decode(h) and self._text_only(vision_mask):
+            out, residual = self.text_moe.add_norm_forward(
+                h, residual, norm, shared=self._shared_weights()
+            )
+            return self.tp.all_reduce(out), residual
+        if residual is None:
+            x, residual = norm(h), h
+        else:
+            x, residual = norm.add_forward(h, residual)
+        return self(x, vision_mask), residual
+
     def _partial(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
-        text_only = self.vision_moe is None or vision_mask is None or not bool(vision_mask.any())
+        text_only = self._text_only(vision_mask)
         if text_only and self._shared_rides_decode(x):
             # decode on GPU: the shared experts' gated MLP runs inside the routed experts'
             # two launches (3 launches a layer fewer)
-            mlp = self.shared_experts
-            assert mlp is not None
-            return self.text_moe(x, shared=(mlp.gate_up_proj.weight, mlp.down_proj.weight))
+            return self.text_moe(x, shared=self._shared_weights())
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         if text_only:
             return self.text_moe(x, add=shared)  # the shared sum rides in the combine kernel
@@ -165,6 +213,14 @@ class MoEBlock(nn.Module):
             out[text_mask] = self.text_moe(x[text_mask])
         out[vision_mask] = self.vision_moe(x[vision_mask])
         return out if shared is None else out + shared
+
+    def _text_only(self, vision_mask: torch.Tensor | None) -> bool:
+        return self.vision_moe is None or vision_mask is None or not bool(vision_mask.any())
+
+    def _shared_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mlp = self.shared_experts
+        assert mlp is not None
+        return mlp.gate_up_proj.weight, mlp.down_proj.weight
 
     def _shared_rides_decode(self, x: torch.Tensor) -> bool:
         mlp = self.shared_experts

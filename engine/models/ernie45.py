@@ -127,9 +127,11 @@ class DecoderLayer(nn.Module):
         else:
             x, residual = self.input_layernorm.add_forward(h, residual)
         h = self.self_attn(x, rope, kv_cache, meta)
+        if isinstance(self.mlp, MoEBlock):  # at decode the norm rides in the router launch
+            return self.mlp.add_norm_forward(
+                h, residual, self.post_attention_layernorm, vision_mask
+            )
         x, residual = self.post_attention_layernorm.add_forward(h, residual)
-        if isinstance(self.mlp, MoEBlock):
-            return self.mlp(x, vision_mask), residual
         return self.mlp(x), residual
 
 

@@ -13,6 +13,8 @@ import triton.language as tl
 
 from kernels._dispatch import next_pow2, use_pdl
 from kernels.triton_impl.pdl import pdl_enter
+from kernels.triton_impl.rms_norm import NUM_WARPS as NORM_NUM_WARPS
+from kernels.triton_impl.rms_norm import add_residual, rms_apply, rms_rstd
 
 
 @triton.jit
@@ -113,6 +115,30 @@ def route_triton(
 
 
 @triton.jit
+def _router_input(
+    x_ptr,
+    res_ptr,
+    nw_ptr,
+    t,
+    stride_xt,
+    stride_rt,
+    offs,
+    mask,
+    rstd,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+):
+    # Columns `offs` of token t's router input, fp32: the hidden row itself, or with NORM
+    # the normalised `h (+ residual)` rounded exactly as `_rms_norm_kernel` rounds it.
+    xv = tl.load(x_ptr + t * stride_xt + offs, mask=mask, other=0.0)
+    if NORM:
+        if HAS_RESIDUAL:
+            xv = add_residual(xv, tl.load(res_ptr + t * stride_rt + offs, mask=mask, other=0.0))
+        xv = rms_apply(xv, rstd, tl.load(nw_ptr + offs, mask=mask, other=0.0))
+    return xv.to(tl.float32)
+
+
+@triton.jit
 def _gate_route_kernel(
     x_ptr,
     w_ptr,
@@ -121,9 +147,15 @@ def _gate_route_kernel(
     count_ptr,
     weights_ptr,
     ids_ptr,
+    res_ptr,
+    nw_ptr,
+    x_out_ptr,
+    res_out_ptr,
     D,
     stride_xt,
+    stride_rt,
     norm_min,
+    eps,
     E: tl.constexpr,
     K: tl.constexpr,
     NPROG: tl.constexpr,
@@ -132,6 +164,9 @@ def _gate_route_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    NORM_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # Grid (T, NPROG): program (t, c) computes the fp32 logits of experts
@@ -139,16 +174,48 @@ def _gate_route_kernel(
     # as `F.linear(x.float(), W)`), publishes them, and bumps the token's counter; the
     # program that bumps it last (acq_rel atomics order the stores) routes the token with
     # `_route_token`, as `_route_kernel` does, and puts the counter back to zero.
+    #
+    # NORM_D > 0 (= D, a constant as in `_rms_norm_kernel`): x is h, the router input is
+    # `rms_norm(h + residual) * nw`. Every program reduces the whole row's sum of squares
+    # itself (one `tl.sum` over BLOCK_N = next_pow2(D), as the norm kernel does), then
+    # normalises each chunk it reads; program c == 0 also stores the normalised row and the
+    # residual sum for the expert kernels and the next layer.
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
+    NORM: tl.constexpr = NORM_D > 0
+    rstd = 1.0
+    if NORM:
+        offs_n = tl.arange(0, BLOCK_N)
+        mask_n = offs_n < NORM_D
+        h = tl.load(x_ptr + t * stride_xt + offs_n, mask=mask_n, other=0.0)
+        if HAS_RESIDUAL:
+            h = add_residual(h, tl.load(res_ptr + t * stride_rt + offs_n, mask=mask_n, other=0.0))
+        rstd = rms_rstd(h, eps, NORM_D)
+        if c == 0:
+            nw = tl.load(nw_ptr + offs_n, mask=mask_n, other=0.0)
+            tl.store(x_out_ptr + t * NORM_D + offs_n, rms_apply(h, rstd, nw), mask=mask_n)
+            if HAS_RESIDUAL:
+                tl.store(res_out_ptr + t * NORM_D + offs_n, h, mask=mask_n)
     offs_e = c * E_PER + tl.arange(0, E_PER)
     mask_e = offs_e < E
     acc = tl.zeros([E_PER, BLOCK_D], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        xv = tl.load(x_ptr + t * stride_xt + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        xv = _router_input(
+            x_ptr,
+            res_ptr,
+            nw_ptr,
+            t,
+            stride_xt,
+            stride_rt,
+            offs_d,
+            mask_d,
+            rstd,
+            NORM,
+            HAS_RESIDUAL,
+        )
         w = tl.load(
             w_ptr + offs_e[:, None] * D + offs_d[None, :],
             mask=mask_e[:, None] & mask_d[None, :],
@@ -194,7 +261,63 @@ def gate_route_triton(
     num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``kernels.moe.gate_route``; one launch, T <= GATE_ROUTE_MAX_TOKENS."""
-    # T tokens, D hidden, E experts
+    weights, ids, _, _ = _launch(
+        x, gate_weight, k, bias, norm_min, None, experts_per_program, block_d, num_warps
+    )
+    return weights, ids
+
+
+def norm_gate_route_triton(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    gate_weight: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None,
+    norm_min: float,
+    experts_per_program: int = 2,
+    block_d: int = 1024,
+    num_warps: int = NORM_NUM_WARPS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as ``kernels.moe.norm_gate_route``; one launch, T <= GATE_ROUTE_MAX_TOKENS.
+
+    x and residual_out are bit-identical to ``rms_norm_triton`` at the default ``num_warps``
+    (the norm kernel's: the sum of squares reduces in the same order)."""
+    # T tokens, D hidden
+    t, d = h.shape
+    assert norm_weight.shape == (d,) and norm_weight.is_contiguous(), norm_weight.shape
+    if residual is not None:
+        assert residual.shape == h.shape and residual.dtype == h.dtype, residual.shape
+        assert residual.stride(1) == 1, residual.stride()
+    x = torch.empty(t, d, dtype=h.dtype, device=h.device)  # [T, D]
+    res_out = h if residual is None else torch.empty_like(x)  # [T, D]
+    weights, ids, _, _ = _launch(
+        h,
+        gate_weight,
+        k,
+        bias,
+        norm_min,
+        (residual, norm_weight, eps, x, res_out),
+        experts_per_program,
+        block_d,
+        num_warps,
+    )
+    return weights, ids, x, res_out
+
+
+def _launch(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None,
+    norm_min: float,
+    norm: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor, torch.Tensor] | None,
+    experts_per_program: int,
+    block_d: int,
+    num_warps: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # T tokens, D hidden, E experts; norm = (residual, weight, eps, x_out, res_out)
     t, d = x.shape
     e = gate_weight.shape[0]
     assert 0 < t <= GATE_ROUTE_MAX_TOKENS, t
@@ -207,6 +330,8 @@ def gate_route_triton(
     logits = torch.empty(t, e, dtype=torch.float32, device=dev)  # [T, E] scratch
     weights = torch.empty(t, k, dtype=torch.float32, device=dev)  # [T, k]
     ids = torch.empty(t, k, dtype=torch.int32, device=dev)  # [T, k]
+    residual, norm_weight, eps, x_out, res_out = norm or (None, x, 0.0, x, x)  # x: placeholders
+    res = x if residual is None else residual
     per = next_pow2(min(experts_per_program, e))
     nprog = triton.cdiv(e, per)
     pdl = use_pdl(x)
@@ -218,9 +343,15 @@ def gate_route_triton(
         _counters(dev),
         weights,
         ids,
+        res,
+        norm_weight,
+        x_out,
+        res_out,
         d,
         x.stride(0),
+        res.stride(0),
         norm_min,
+        eps,
         E=e,
         K=k,
         NPROG=nprog,
@@ -229,11 +360,14 @@ def gate_route_triton(
         BLOCK_D=block_d,
         BLOCK_E=next_pow2(e),
         BLOCK_K=next_pow2(k),
+        NORM_D=d if norm is not None else 0,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK_N=next_pow2(d) if norm is not None else 1,
         PDL=pdl,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
-    return weights, ids
+    return weights, ids, x_out, res_out
 
 
 @triton.jit

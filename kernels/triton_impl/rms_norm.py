@@ -9,6 +9,31 @@ import triton.language as tl
 from kernels._dispatch import next_pow2, use_pdl
 from kernels.triton_impl.pdl import pdl_enter
 
+NUM_WARPS = 4
+"""Warps of a norm launch. The fused norm + router launch (`moe_routing.gate_route_triton`
+with ``norm=``) uses the same count: the row's sum of squares is then reduced in the same
+order, so both give bit-identical outputs."""
+
+
+@triton.jit
+def add_residual(x, r):
+    """``x + r`` in fp32, rounded to x's dtype, as the unfused model adds."""
+    return (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def rms_rstd(x, eps, D: tl.constexpr):
+    """``1 / sqrt(mean(x^2) + eps)`` in fp32 over a whole row x ``[BLOCK_D]`` (0 past D)."""
+    h = x.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+
+
+@triton.jit
+def rms_apply(x, rstd, w):
+    """``(x * rstd)`` rounded to x's dtype, times the weight in fp32, rounded again."""
+    normed = (x.to(tl.float32) * rstd).to(x.dtype).to(tl.float32)
+    return (normed * w.to(tl.float32)).to(x.dtype)
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -34,14 +59,11 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-        # Round the sum to the activation dtype, as the unfused model does.
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        x = add_residual(x, r)
         tl.store(res_out_ptr + row * stride_res_out + offs, x, mask=mask)
-    h = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
-    normed = (h * rstd).to(x.dtype).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, (normed * w).to(x.dtype), mask=mask)
+    rstd = rms_rstd(x, eps, D)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_out + offs, rms_apply(x, rstd, w), mask=mask)
 
 
 def rms_norm_triton(
@@ -77,6 +99,7 @@ def rms_norm_triton(
         BLOCK_D=next_pow2(d),
         HAS_RESIDUAL=residual is not None,
         PDL=pdl,
+        num_warps=NUM_WARPS,
         launch_pdl=pdl,
     )
     return out, res_out

@@ -11,6 +11,7 @@ import torch
 import engine.layers.moe as moe_layer
 import kernels.moe as kmoe
 from engine.layers.moe import MoEBlock
+from engine.layers.norm import RMSNorm
 
 
 def _block(seed: int) -> MoEBlock:
@@ -41,3 +42,30 @@ def test_shared_experts_handed_to_the_decode_launches(monkeypatch, t: int) -> No
     [shared] = seen
     assert shared is not None and shared[0] is block.shared_experts.gate_up_proj.weight
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_add_norm_forward_equals_norm_then_block(monkeypatch, decode: bool) -> None:
+    """`add_norm_forward(h, residual, norm)` = the block on `norm.add_forward(h, residual)`;
+    on the decode path the norm goes to the router (`norm_gate_route`), elsewhere not."""
+    block = _block(5)
+    norm = RMSNorm(32, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+    h, residual = torch.randn(2, 32), torch.randn(2, 32)
+    seen = []
+    real = moe_layer.norm_gate_route
+
+    def spy(*a, **kw):  # type: ignore[no-untyped-def]
+        seen.append(a[0].shape)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(moe_layer, "shares_decode_launches", lambda x: decode)
+    monkeypatch.setattr(moe_layer, "norm_gate_route", spy)
+    with torch.no_grad():
+        x, want_residual = norm.add_forward(h, residual)
+        want = block(x)
+        got, got_residual = block.add_norm_forward(h, residual, norm)
+    assert seen == ([h.shape] if decode else [])
+    assert torch.equal(got_residual, want_residual)
+    assert torch.equal(got, want)
