@@ -167,6 +167,7 @@ def fused_moe(
     impl: Impl = None,
     add: torch.Tensor | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    add_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e][:I] @ x[t]) * w13[e][I:] @ x[t])``
     with ``e = topk_ids[t, j]``.
@@ -177,7 +178,8 @@ def fused_moe(
 
     x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; topk_weights [T, k] fp32; topk_ids [T, k] int32.
     Returns [T, D] in x's dtype; with ``add`` [T, D] (the shared experts' output) returns
-    ``out + add``, rounded as the separate bf16 add would be (fused on GPU).
+    ``out + add``, rounded as the separate bf16 add would be (fused on GPU). ``add_stream``
+    (GPU): ``add`` is still being computed on that stream; it is joined before ``add`` is read.
     """
     t, d = x.shape
     e, two_i, d13 = w13.shape
@@ -203,8 +205,9 @@ def fused_moe(
         w2,
         topk_weights,
         topk_ids,
-        add=add.contiguous() if add is not None else None,
+        add=add if add is None or add_stream is not None else add.contiguous(),
         shared=shared,
+        add_stream=add_stream,
     )
 
 

@@ -18,6 +18,19 @@ from engine.layers.norm import RMSNorm
 from engine.parallel import Shard, current_tp, even_shard
 from kernels.moe import fused_moe, gate_route, norm_gate_route, shares_decode_launches
 
+SHARED_SIDE_STREAM = True
+"""At decode on GPU, run the shared experts on a side stream beside the router and the routed
+experts' up launch (`MoEBlock._shared_beside`); False: inside the routed launches. Read at
+trace time; benchmarks flip it between CUDA-graph captures."""
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
 
 class Router(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, top_k: int, norm_min: float) -> None:
@@ -102,8 +115,12 @@ class Experts(nn.Module):
         ids: torch.Tensor,
         add: torch.Tensor | None = None,
         shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+        add_stream: torch.cuda.Stream | None = None,
     ) -> torch.Tensor:
-        return fused_moe(x, self.gate_up_proj, self.down_proj, weights, ids, add=add, shared=shared)
+        return fused_moe(
+            x, self.gate_up_proj, self.down_proj, weights, ids, add=add, shared=shared,
+            add_stream=add_stream,
+        )  # fmt: skip
 
 
 class ExpertGroup(nn.Module):
@@ -139,11 +156,17 @@ class ExpertGroup(nn.Module):
         h: torch.Tensor,
         residual: torch.Tensor | None,
         norm: RMSNorm,
-        shared: tuple[torch.Tensor, torch.Tensor],
+        shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+        add: tuple[torch.Tensor, torch.cuda.Stream] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward(x, shared=shared)` of `x, residual_out = norm.add_forward(h, residual)`,
-        the norm fused into the router; returns (routed + shared sum, residual_out)."""
+        the norm fused into the router; returns (routed + shared sum, residual_out). `add` =
+        (tensor, the stream computing it): added instead of `shared`, joined just before
+        the experts' down launch reads it."""
         weights, ids, x, residual = self.gate.add_norm_forward(h, residual, norm)
+        if add is not None:
+            out = self.experts(x, weights.to(torch.float32), ids, add=add[0], add_stream=add[1])
+            return out, residual
         return self.experts(x, weights.to(torch.float32), ids, shared=shared), residual
 
 
@@ -188,15 +211,35 @@ class MoEBlock(nn.Module):
         returns (`self(x, vision_mask)`, residual_out). On the decode path the norm runs
         inside the router's launch (`kernels.moe.norm_gate_route`): one launch fewer."""
         if self._shared_rides_decode(h) and self._text_only(vision_mask):
-            out, residual = self.text_moe.add_norm_forward(
-                h, residual, norm, shared=self._shared_weights()
-            )
+            if SHARED_SIDE_STREAM and h.is_cuda:
+                out, residual = self._shared_beside(h, residual, norm)
+            else:
+                out, residual = self.text_moe.add_norm_forward(
+                    h, residual, norm, shared=self._shared_weights()
+                )
             return self.tp.all_reduce(out), residual
         if residual is None:
             x, residual = norm(h), h
         else:
             x, residual = norm.add_forward(h, residual)
         return self(x, vision_mask), residual
+
+    def _shared_beside(
+        self, h: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode on GPU: the shared experts (with their own copy of the norm) run on a side
+        stream while this stream routes and runs the routed experts' up launch; the down
+        launch joins them and adds the shared output. The router's latency-bound launch then
+        overlaps the shared experts' weight stream (CUDA graphs capture the fork and join)."""
+        main = torch.cuda.current_stream(h.device)
+        side = _side_stream(h.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            x = norm(h) if residual is None else norm.add_forward(h, residual)[0]
+            mlp = self.shared_experts
+            assert mlp is not None
+            shared_out = mlp(x)
+        return self.text_moe.add_norm_forward(h, residual, norm, add=(shared_out, side))
 
     def _partial(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
         text_only = self._text_only(vision_mask)

@@ -432,9 +432,13 @@ def fused_moe_decode(
     add: torch.Tensor | None = None,
     tiles: MoeDecodeTiles | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    add_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:
     """Same contract as ``kernels.moe.fused_moe``, for a few tokens: no sort, no padding, two
     launches, the k-way sum and the shared add fused into the down projection.
+
+    ``add_stream``: ``add`` is being computed on that stream; the current stream waits for
+    it just before the down launch, so the up launch overlaps it.
 
     ``shared`` = (gate_up ``[2Is, D]``, down ``[D, Is]``): the shared experts' gated MLP runs
     inside the same two launches (its rows after the routed ones) and is added as ``add``
@@ -495,6 +499,8 @@ def fused_moe_decode(
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
     )
+    if add_stream is not None:
+        torch.cuda.current_stream(x.device).wait_stream(add_stream)
     _moe_down_kernel[(t, triton.cdiv(d, tiles.down_block_n))](
         h,
         w2,

@@ -178,6 +178,7 @@ def fused_moe_triton(
     tiles: MoeTiles | None = None,
     add: torch.Tensor | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+    add_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:
     """Two grouped GEMMs; same contract as ``kernels.moe.fused_moe`` (``shared`` only on the
     decode path: callers check ``kernels.moe.shares_decode_launches``).
@@ -194,8 +195,17 @@ def fused_moe_triton(
     explicit = tiles is not None or bool(block_m or block_n or block_k)
     if not explicit and t <= DECODE_MAX_TOKENS:  # decode: no sort, two GEMV launches
         return fused_moe_decode(
-            x, w13, w2, topk_weights, topk_ids.contiguous(), add=add, shared=shared
+            x,
+            w13,
+            w2,
+            topk_weights,
+            topk_ids.contiguous(),
+            add=add,
+            shared=shared,
+            add_stream=add_stream,
         )
+    if add_stream is not None:  # the grouped path has no launch between: join first
+        torch.cuda.current_stream(x.device).wait_stream(add_stream)
     assert shared is None, "shared experts ride only in the decode launches"
     if not explicit and use_grouped(x, t * top_k):  # prefill: torch's Hopper grouped GEMM
         return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids, add=add)
