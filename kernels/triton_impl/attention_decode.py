@@ -3,8 +3,13 @@
 Grid ``(B, Hkv, S)``: a program owns one sequence, one kv head and one slice of the context.
 All query heads sharing that kv head ride in the same program as rows of one tile, so each key
 is loaded once per group rather than once per query head (GQA packing). Splitting the context
-over S programs keeps the GPU busy when B * Hkv is small and contexts are long; a second small
-kernel merges the S partial results by their log-sum-exp.
+over S programs keeps the GPU busy when B * Hkv is small and contexts are long.
+
+The S partial results are merged by their log-sum-exp. By default (``FUSED_MERGE``) in the
+same launch: every split program publishes its partial and arrives on a per-(sequence, kv
+head) counter; the last to arrive merges the group's rows and puts the counter back to zero,
+so the counters are zero between launches (CUDA-graph safe). Otherwise a second small kernel
+merges.
 """
 
 from __future__ import annotations
@@ -18,6 +23,77 @@ from kernels.triton_impl.pdl import pdl_enter
 
 _LOG2E = 1.4426950408889634
 
+FUSED_MERGE = True
+"""Merge the splits inside the split kernel (one launch) instead of in ``_decode_merge_kernel``.
+A/B switch: benchmarks flip it between graph captures."""
+
+MIN_KEYS_PER_SPLIT = 256
+"""Host side: ``default_num_splits`` gives each split at least this many keys of the block
+table's width. Under CUDA graphs the table is as wide as the longest sequence could be, so
+this rarely binds there; ``MIN_KEYS_PER_PROGRAM`` acts on each sequence's own length."""
+
+MIN_KEYS_PER_PROGRAM = 0
+"""Kernel side: a split program takes at least this many of its sequence's keys (then rounded
+up to whole BLOCK_N tiles), so short contexts use fewer splits than the grid has; the rest
+have nothing to do (fused: they return at once). 0: only the BLOCK_N rounding. A constexpr,
+fixed per capture."""
+
+COUNTER_SLOTS = 1 << 16
+"""Arrival counters per device, one per (sequence, kv head); allocated once, never regrown
+(a capture must not allocate). Bigger B * Hkv takes the two-kernel path."""
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+@triton.jit
+def _store_rows(out_ptr, q_start, stride_ot, stride_oh, heads, offs_d, x, mask):
+    # x [BLOCK_G, BLOCK_D] fp32 -> the output rows of query token q_start, in out's dtype
+    ptrs = out_ptr + q_start.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(ptrs, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_partial(
+    part_out_ptr, part_lse_ptr, row, out, lse, offs_d, mask_g, mask_gd, D: tl.constexpr
+):
+    # One split's partial per head: out [BLOCK_G, BLOCK_D] and lse [BLOCK_G] at rows `row`
+    tl.store(part_lse_ptr + row, lse, mask=mask_g)
+    tl.store(part_out_ptr + row[:, None] * D + offs_d[None, :], out, mask=mask_gd)
+
+
+@triton.jit
+def _merge_group(
+    part_out_ptr,
+    part_lse_ptr,
+    first,  # [BLOCK_G] row of each head's split 0
+    num_active,
+    offs_d,
+    mask_g,
+    mask_gd,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # sum_s out_s * w_s / sum_s w_s over the first num_active splits, w_s = 2^(lse_s - max lse),
+    # as _decode_merge_kernel (whose extra splits are empty: weight 0). volatile: other programs
+    # wrote these rows; a cached line could be stale. Masked rows read lse 0: no nan.
+    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_active):
+        m = tl.maximum(m, tl.load(part_lse_ptr + first + s, mask=mask_g, other=0.0, volatile=True))
+    den = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_active):
+        lse = tl.load(part_lse_ptr + first + s, mask=mask_g, other=0.0, volatile=True)
+        w = tl.exp2(lse - m)  # [BLOCK_G]
+        part = tl.load(
+            part_out_ptr + (first + s)[:, None] * D + offs_d[None, :],
+            mask=mask_gd,
+            other=0.0,
+            volatile=True,
+        )  # [BLOCK_G, BLOCK_D]
+        acc += part * w[:, None]
+        den += w
+    return acc / den[:, None]
+
 
 @triton.jit
 def _decode_split_kernel(
@@ -29,10 +105,14 @@ def _decode_split_kernel(
     qsl_ptr,
     part_out_ptr,
     part_lse_ptr,
+    out_ptr,  # FUSED only
+    count_ptr,  # FUSED only: [>= B * HKV] int32 arrival counters, zero between launches
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     stride_qt,
     stride_qh,
     stride_bt,
+    stride_ot,
+    stride_oh,
     NUM_SPLITS: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -42,6 +122,8 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MIN_KEYS: tl.constexpr,
+    FUSED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -51,13 +133,17 @@ def _decode_split_kernel(
     split = tl.program_id(2)
     q_start = tl.load(qsl_ptr + b)
     q_len = tl.load(qsl_ptr + b + 1) - q_start
-    if q_len == 0:  # an empty (padding) sequence owns no output row
+    if q_len == 0:  # an empty (padding) sequence owns no output row (all its programs leave)
         return
     seq_len = tl.load(seq_lens_ptr + b)
     # Split this sequence's own context, not the table width: a CUDA graph is captured with
     # tables as wide as the longest sequence could be, and the work must still spread over
-    # all S programs. Each split covers a whole number of BLOCK_N tiles.
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    # the S programs. Each split covers a whole number of BLOCK_N tiles, at least MIN_KEYS.
+    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_KEYS)
+    split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
+    num_active = tl.cdiv(seq_len, split_len)  # splits with keys; >= 1 as seq_len >= 1
+    if FUSED and split >= num_active:  # nothing to do; the merge counts active splits only
+        return
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
 
@@ -66,8 +152,9 @@ def _decode_split_kernel(
     heads = kvh * GROUP + offs_g  # [BLOCK_G] query heads of this kv head
     mask_g = offs_g < GROUP
     mask_d = offs_d < D
+    mask_gd = mask_g[:, None] & mask_d[None, :]
     q_ptrs = q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
 
     # A finite floor instead of -inf keeps exp2(m_old - m_new) free of (-inf) - (-inf) = nan.
     m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
@@ -93,16 +180,42 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # Partials: normalised output and log2-sum-exp per (b, head, split); empty splits get -inf.
+    # Normalised output and log2-sum-exp of this split (-inf when it has no keys).
     lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]
-    row = (b * HQ + heads) * NUM_SPLITS + split  # [BLOCK_G]
-    tl.store(part_lse_ptr + row, lse, mask=mask_g)
-    tl.store(
-        part_out_ptr + row[:, None] * D + offs_d[None, :],
-        out,
-        mask=mask_g[:, None] & mask_d[None, :],
-    )
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # [BLOCK_G, BLOCK_D]
+    first = (b * HQ + heads) * NUM_SPLITS  # [BLOCK_G] row of each head's split 0
+    if FUSED:
+        # The whole context is here: the merge would return `out` as is (w = 1). With one
+        # split this is static: no partials, no counter.
+        if NUM_SPLITS == 1 or num_active == 1:
+            _store_rows(out_ptr, q_start, stride_ot, stride_oh, heads, offs_d, out, mask_gd)
+        else:
+            _store_partial(
+                part_out_ptr, part_lse_ptr, first + split, out, lse, offs_d, mask_g, mask_gd, D
+            )
+            # Every thread's stores precede the arrival: the barrier orders them before the
+            # one thread that does the (acq_rel, gpu-scope) atomic.
+            tl.debug_barrier()
+            counter = count_ptr + b * HKV + kvh
+            if tl.atomic_add(counter, 1) == num_active - 1:  # the last to arrive merges
+                tl.atomic_xchg(counter, 0)
+                merged = _merge_group(
+                    part_out_ptr,
+                    part_lse_ptr,
+                    first,
+                    num_active,
+                    offs_d,
+                    mask_g,
+                    mask_gd,
+                    D,
+                    BLOCK_G,
+                    BLOCK_D,
+                )
+                _store_rows(out_ptr, q_start, stride_ot, stride_oh, heads, offs_d, merged, mask_gd)
+    else:
+        _store_partial(
+            part_out_ptr, part_lse_ptr, first + split, out, lse, offs_d, mask_g, mask_gd, D
+        )
 
 
 @triton.jit
@@ -147,7 +260,8 @@ def _decode_merge_kernel(
 def default_num_splits(
     batch: int, num_kv_heads: int, max_context: int, device: torch.device
 ) -> int:
-    """Enough programs to fill the GPU twice over, but at least 256 keys per split.
+    """Enough programs to fill the GPU twice over, but at least ``MIN_KEYS_PER_SPLIT`` keys
+    of ``max_context`` per split.
 
     Computed from shapes only (no device sync), so it is fixed for a CUDA-graph bucket.
     """
@@ -155,8 +269,20 @@ def default_num_splits(
     if device.type == "cuda":
         num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     by_occupancy = -(-2 * num_sms // max(1, batch * num_kv_heads))
-    by_length = -(-max_context // 256)
+    by_length = -(-max_context // max(1, MIN_KEYS_PER_SPLIT))
     return max(1, min(by_occupancy, by_length, 32))
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """Per-(sequence, kv head) arrival counters, zero between launches (each launch resets
+    its own). None inside a CUDA-graph capture before the first eager call has made them: a
+    buffer allocated there would be zero-filled only when the graph replays."""
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return buf
 
 
 def paged_attention_decode(
@@ -196,6 +322,10 @@ def paged_attention_decode(
         num_warps = 8 if b * hkv < num_sms else 4
     if num_splits is None:
         num_splits = default_num_splits(b, hkv, max_context, q.device)
+    counters = None
+    if FUSED_MERGE and b * hkv <= COUNTER_SLOTS:
+        counters = _counters(q.device)
+    fused = counters is not None
     part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
     group = hq // hkv
@@ -209,10 +339,14 @@ def paged_attention_decode(
         query_start_loc,
         part_out,
         part_lse,
+        out,
+        counters if fused else seq_lens,  # placeholder pointer when unused
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
         block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
         NUM_SPLITS=num_splits,
         HQ=hq,
         HKV=hkv,
@@ -222,11 +356,15 @@ def paged_attention_decode(
         BLOCK_G=max(16, next_pow2(group)),
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(d)),
+        MIN_KEYS=MIN_KEYS_PER_PROGRAM,
+        FUSED=fused,
         DOT_PRECISION=dot_precision(q.dtype),
         PDL=pdl,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
+    if fused:
+        return out
     _decode_merge_kernel[(b, hq)](
         part_out,
         part_lse,

@@ -190,3 +190,172 @@ def test_strided_q_from_fused_qkv(decode: bool) -> None:
     ref = paged_attention_ref(*batch.args(), scale=0.25)
     out = paged_attention(*batch.args(), scale=0.25, impl="triton")
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------------------- fused split + merge
+def _decode(batch: Batch, monkeypatch: pytest.MonkeyPatch, fused: bool, **kw) -> torch.Tensor:
+    from kernels.triton_impl import attention_decode as ad
+
+    monkeypatch.setattr(ad, "FUSED_MERGE", fused)
+    return ad.paged_attention_decode(*batch.args(), scale=batch.q.shape[-1] ** -0.5, **kw)
+
+
+def _counters_cpu() -> torch.Tensor:
+    from kernels.triton_impl import attention_decode as ad
+
+    return ad._COUNTERS[torch.device("cpu")]
+
+
+def _no_merge_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused path must be one launch: any use of the merge kernel fails the test."""
+    from kernels.triton_impl import attention_decode as ad
+
+    class Forbidden:
+        def __getitem__(self, grid: object) -> None:
+            raise AssertionError("the fused path launched _decode_merge_kernel")
+
+    monkeypatch.setattr(ad, "_decode_merge_kernel", Forbidden())
+
+
+def _with_empty(batch: Batch, empty: list[int]) -> Batch:
+    """Give sequences `empty` q_len 0, keeping T == B (their q rows are left unused at the end):
+    the decode kernel must write no row for them and leave their counters at zero."""
+    b = batch.seq_lens.shape[0]
+    q_lens = torch.tensor([0 if i in empty else 1 for i in range(b)])
+    batch.query_start_loc = torch.cat([torch.zeros(1), q_lens.cumsum(0)]).int()
+    return batch
+
+
+def _ref_rows(batch: Batch) -> tuple[torch.Tensor, int]:
+    n = int(batch.query_start_loc[-1])
+    ref = paged_attention_ref(
+        batch.q[:n],
+        batch.k_cache,
+        batch.v_cache,
+        batch.block_tables,
+        batch.seq_lens,
+        batch.query_start_loc,
+        scale=batch.q.shape[-1] ** -0.5,
+    )
+    return ref, n
+
+
+FUSED_CASES = [
+    # hq, hkv, d, block_size, dtype, num_splits, block_n, min_keys
+    (4, 4, 16, 4, torch.float32, 1, 16, 0),  # one split: direct write, no counter
+    (4, 2, 32, 16, torch.float16, 2, 16, 0),
+    (8, 2, 24, 3, torch.float32, 5, 16, 0),  # uneven last split, D not a power of two
+    (5, 1, 16, 8, torch.float16, 3, 16, 0),  # odd group
+    (6, 2, 16, 5, torch.float32, 8, 16, 0),  # more splits than a short sequence needs
+    (4, 2, 16, 4, torch.float32, 6, 16, 40),  # floor: 48-key splits, fewer active
+    (4, 2, 16, 4, torch.float32, None, 64, 0),  # the shape-derived default
+]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("hq", "hkv", "d", "block_size", "dtype", "num_splits", "block_n", "min_keys"), FUSED_CASES
+)
+def test_decode_fused_merge(
+    monkeypatch: pytest.MonkeyPatch,
+    hq: int,
+    hkv: int,
+    d: int,
+    block_size: int,
+    dtype: torch.dtype,
+    num_splits: int | None,
+    block_n: int,
+    min_keys: int,
+) -> None:
+    """Fused == reference; == the two-kernel path; one launch; counters back at zero."""
+    from kernels.triton_impl import attention_decode as ad
+
+    monkeypatch.setattr(ad, "MIN_KEYS_PER_PROGRAM", min_keys)
+    # contexts: one key, block-size multiples and not, past several splits of 16 keys
+    seq_lens = [1, 37, 12, 45, 5, 100, 64]
+    batch = make_batch(seq_lens, [1] * len(seq_lens), hq, hkv, d, block_size, dtype)
+    kw = {"num_splits": num_splits, "block_n": block_n}
+    unfused = _decode(batch, monkeypatch, False, **kw)
+    _no_merge_kernel(monkeypatch)
+    fused = _decode(batch, monkeypatch, True, **kw)
+    ref = paged_attention_ref(*batch.args(), scale=d**-0.5)
+    torch.testing.assert_close(fused, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    torch.testing.assert_close(unfused, ref, atol=TOL[dtype], rtol=TOL[dtype])
+    if num_splits == 1:  # the merge of one split returns it as is: the direct write must match
+        assert torch.equal(fused, unfused)
+    else:
+        torch.testing.assert_close(
+            fused, unfused, atol=1e-6 if dtype == torch.float32 else 1e-3, rtol=0
+        )
+    assert int(_counters_cpu().abs().sum()) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize(("num_splits", "fused"), [(1, True), (4, True), (4, False)])
+def test_decode_empty_sequences(
+    monkeypatch: pytest.MonkeyPatch, num_splits: int, fused: bool
+) -> None:
+    """q_len 0 rows (first, middle, last) among real ones: rows of the others are right, the
+    empty ones' counters stay zero (a stuck counter would break the next call)."""
+    batch = _with_empty(make_batch([7, 50, 1, 33, 20, 9], [1] * 6, 4, 2, 16, 4), [0, 2, 5])
+    ref, n = _ref_rows(batch)
+    if fused:
+        _no_merge_kernel(monkeypatch)
+    for _ in range(2):
+        out = _decode(batch, monkeypatch, fused, num_splits=num_splits, block_n=16)
+        torch.testing.assert_close(out[:n], ref, atol=2e-5, rtol=2e-5)
+        assert int(_counters_cpu().abs().sum()) == 0
+
+
+@needs_triton
+def test_decode_counters_reset_across_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repeated calls of different shapes reuse the same counters: each must find them at
+    zero and leave them at zero, and give the same result as the first time."""
+    _no_merge_kernel(monkeypatch)
+    shapes = [([30, 70, 2], 4, 2), ([90], 6, 3), ([18, 40, 40, 5], 4, 1)]
+    batches = [make_batch(lens, [1] * len(lens), hq, hkv, 16, 4) for lens, hq, hkv in shapes]
+    first = []
+    for round_ in range(2):
+        for i, batch in enumerate(batches):
+            out = _decode(batch, monkeypatch, True, num_splits=5, block_n=16)
+            assert int(_counters_cpu().abs().sum()) == 0, (round_, i)
+            if round_ == 0:
+                torch.testing.assert_close(out, _ref_rows(batch)[0], atol=2e-5, rtol=2e-5)
+                first.append(out)
+            else:
+                assert torch.equal(out, first[i])
+
+
+@needs_triton
+def test_decode_falls_back_past_counter_slots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """B * Hkv beyond the counter buffer takes the two-kernel path (and stays right)."""
+    from kernels.triton_impl import attention_decode as ad
+
+    launched = []
+    real = ad._decode_merge_kernel
+
+    class Spy:
+        def __getitem__(self, grid: tuple[int, ...]) -> object:
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ad, "_decode_merge_kernel", Spy())
+    batch = make_batch([40, 9, 66], [1] * 3, 4, 2, 16, 4)
+    monkeypatch.setattr(ad, "COUNTER_SLOTS", 5)  # B * Hkv = 6
+    out = _decode(batch, monkeypatch, True, num_splits=3, block_n=16)
+    assert launched == [(3, 4)]
+    torch.testing.assert_close(out, _ref_rows(batch)[0], atol=2e-5, rtol=2e-5)
+    monkeypatch.setattr(ad, "COUNTER_SLOTS", 6)
+    _decode(batch, monkeypatch, True, num_splits=3, block_n=16)
+    assert launched == [(3, 4)], "fits the counters: one launch"
+
+
+def test_default_num_splits_min_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernels.triton_impl import attention_decode as ad
+
+    cpu = torch.device("cpu")  # 8 "SMs": by occupancy 16 splits for one (sequence, kv head)
+    assert ad.default_num_splits(1, 1, 512, cpu) == 2  # 256 keys a split
+    monkeypatch.setattr(ad, "MIN_KEYS_PER_SPLIT", 64)
+    assert ad.default_num_splits(1, 1, 512, cpu) == 8
+    assert ad.default_num_splits(1, 1, 1 << 20, cpu) == 16
+    assert ad.default_num_splits(64, 4, 1 << 20, cpu) == 1
