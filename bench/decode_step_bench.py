@@ -60,6 +60,14 @@ _GEMV = "kernels.triton_impl.gemv:GEMV_TILES"
 _QKV_O = ((1, 3584, 2560), (1, 2560, 2560))  # 28B qkv and o_proj at one row
 
 
+def _old_gemv(d: dict) -> dict:  # the tiles before this session, shapes <= 4096 rows
+    from kernels.triton_impl.gemv import GemvTiles
+
+    old = GemvTiles(4, 1024, 4, 3)
+    shapes = [(1, n, k) for n, k in ((3584, 2560), (2560, 2560), (2560, 3072), (2560, 12288))]
+    return {**d, **{s: old for s in shapes}}
+
+
 def _moe(**kw: Any) -> dict[str, Any]:
     return {_TILES: lambda t: dataclasses.replace(t, **kw)}
 
@@ -70,10 +78,27 @@ def _gemv(*tiles: Any) -> dict[str, Any]:
     return {_GEMV: lambda d: {**d, **{s: GemvTiles(*tiles) for s in _QKV_O}}}
 
 
+_PDL = "kernels._dispatch:PDL"
+_QKV = "kernels.gemv:QKV_ROPE_FUSED"
+_NORM_ROUTE = "kernels.moe:FUSED_NORM_ROUTE"
+_SIDE = "engine.layers.moe:SHARED_SIDE_STREAM"
+_MERGE = "kernels.triton_impl.attention_decode:FUSED_MERGE"
+_MIN_KEYS = "kernels.triton_impl.attention_decode:MIN_KEYS_PER_PROGRAM"
+
 VARIANTS: dict[str, dict[str, Any]] = {
-    "plain": {"kernels._dispatch:PDL": False, "kernels.gemv:QKV_ROPE_FUSED": False},
-    "pdl": {"kernels.gemv:QKV_ROPE_FUSED": False},
+    # before this session's decode changes, then programmatic dependent launch alone
+    "plain": {_PDL: False, _QKV: False, _NORM_ROUTE: False, _SIDE: False, _GEMV: _old_gemv},
+    "pdl": {_QKV: False, _NORM_ROUTE: False, _SIDE: False, _GEMV: _old_gemv},
     "default": {},
+    # the defaults less one change
+    "-qkv-rope": {_QKV: False},
+    "-norm-route": {_NORM_ROUTE: False},
+    "-side-stream": {_SIDE: False},
+    "+fused-merge": {_MERGE: True},
+    "norm-route-8w": {"kernels.triton_impl.moe_routing:NORM_ROUTE_WARPS": 8},
+    "keys64": {_MIN_KEYS: 64},
+    "keys128": {_MIN_KEYS: 128},
+    "keys256": {_MIN_KEYS: 256},
     "moe-up-bn2": _moe(up_block_n=2),
     "moe-up-bn8": _moe(up_block_n=8),
     "moe-down-bn2": _moe(down_block_n=2),
@@ -82,6 +107,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "moe-bk1024": _moe(up_block_k=1024, down_block_k=1024),
     "moe-1w": _moe(num_warps=1),
     "moe-4stages": _moe(num_stages=4),
+    "gemv-4x1024": _gemv(4, 1024, 4, 3),
     "gemv-8x512": _gemv(8, 512, 4, 3),
     "gemv-2x1024": _gemv(2, 1024, 4, 3),
     "gemv-4x512-2w": _gemv(4, 512, 2, 3),

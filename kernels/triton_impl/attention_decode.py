@@ -23,9 +23,11 @@ from kernels.triton_impl.pdl import pdl_enter
 
 _LOG2E = 1.4426950408889634
 
-FUSED_MERGE = True
-"""Merge the splits inside the split kernel (one launch) instead of in ``_decode_merge_kernel``.
-A/B switch: benchmarks flip it between graph captures."""
+FUSED_MERGE = False
+"""Merge the splits inside the split kernel (one launch: the last split of a (sequence, kv
+head) to arrive merges) instead of in ``_decode_merge_kernel``. Off: on an H100 the 28B
+batch-1 step replayed 0.057 ms slower with it (3.368 vs 3.311 ms, bench/decode_step_bench.py,
+bench/RESULTS.md). Benchmarks flip it between graph captures."""
 
 MIN_KEYS_PER_SPLIT = 256
 """Host side: ``default_num_splits`` gives each split at least this many keys of the block

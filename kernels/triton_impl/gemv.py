@@ -33,11 +33,13 @@ GEMV_TILES: dict[tuple[int, int, int], GemvTiles] = {}
 
 
 def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
-    """From the M=1 sweep at the 28B decode shapes on an H100 (bench/RESULTS.md, 2026-11-25):
-    up to ~4k rows, 4 rows x 1024 columns per program (7.3 us for 2560x2560 vs cuBLAS 8.1);
-    above, 8 x 512 (LM head 103424x2560: 179.5 us = 2.95 TB/s vs cuBLAS 195.2)."""
+    """From the M=1 sweeps at the 28B decode shapes on an H100 (bench/RESULTS.md, 2026-11-25):
+    up to ~4k rows, 2 rows x 1024 columns per program (in the full step under programmatic
+    dependent launch, qkv and o_proj at 2 rows beat 4: b1 replay -0.075 ms; alone, 4 rows had
+    7.3 us for 2560x2560 vs cuBLAS 8.1); above, 8 x 512 (LM head 103424x2560: 179.5 us =
+    2.95 TB/s vs cuBLAS 195.2)."""
     if n <= 4096:
-        return GemvTiles(4, min(1024, next_pow2(k)), 4, 3)
+        return GemvTiles(2, min(1024, next_pow2(k)), 4, 3)
     return GemvTiles(8, min(512, next_pow2(k)), 4, 3)
 
 

@@ -223,6 +223,8 @@ def _gate_route_kernel(
         ).to(tl.float32)
         acc += w * xv[None, :]
     tl.store(logits_ptr + t * E + offs_e, tl.sum(acc, axis=1), mask=mask_e)
+    # every warp's logits stored before the (acq_rel) arrival publishes them
+    tl.debug_barrier()
     if tl.atomic_add(count_ptr + t, 1) == NPROG - 1:
         tl.atomic_xchg(count_ptr + t, 0)
         offs = tl.arange(0, BLOCK_E)
@@ -267,6 +269,11 @@ def gate_route_triton(
     return weights, ids
 
 
+NORM_ROUTE_WARPS: int | None = None
+"""Warps of the fused norm + router launch; None: the norm kernel's, so x is bit-identical to
+``rms_norm_triton``'s (benchmarks may set another count)."""
+
+
 def norm_gate_route_triton(
     h: torch.Tensor,
     residual: torch.Tensor | None,
@@ -278,7 +285,7 @@ def norm_gate_route_triton(
     norm_min: float,
     experts_per_program: int = 2,
     block_d: int = 1024,
-    num_warps: int = NORM_NUM_WARPS,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``kernels.moe.norm_gate_route``; one launch, T <= GATE_ROUTE_MAX_TOKENS.
 
@@ -301,7 +308,7 @@ def norm_gate_route_triton(
         (residual, norm_weight, eps, x, res_out),
         experts_per_program,
         block_d,
-        num_warps,
+        num_warps or NORM_ROUTE_WARPS or NORM_NUM_WARPS,
     )
     return weights, ids, x, res_out
 
