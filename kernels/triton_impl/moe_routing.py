@@ -269,9 +269,12 @@ def gate_route_triton(
     return weights, ids
 
 
-NORM_ROUTE_WARPS: int | None = None
-"""Warps of the fused norm + router launch; None: the norm kernel's, so x is bit-identical to
-``rms_norm_triton``'s (benchmarks may set another count)."""
+NORM_ROUTE_WARPS: int | None = 8
+"""Warps of the fused norm + router launch. H100, 28B b1 step replayed: 8 warps 3.224 ms, 4
+(the norm kernel's count, which makes x bit-identical to ``rms_norm_triton``'s) 3.249, norm
+and router as two launches 3.237 (bench/RESULTS.md). At 8 the sum of squares reduces in
+another order: x may differ from the norm kernel's in the last bf16 bit. None: the norm
+kernel's count."""
 
 
 def norm_gate_route_triton(
