@@ -15,6 +15,7 @@ from torch import nn
 from engine.layers.linear import Linear, MergedLinear, check_shape
 from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
+from engine.layers.streams import beside
 from engine.parallel import Shard, current_tp, even_shard
 from kernels.moe import fused_moe, gate_route, norm_gate_route, shares_decode_launches
 
@@ -22,14 +23,6 @@ SHARED_SIDE_STREAM = True
 """At decode on GPU, run the shared experts on a side stream beside the router and the routed
 experts' up launch (`MoEBlock._shared_beside`); False: inside the routed launches. Read at
 trace time; benchmarks flip it between CUDA-graph captures."""
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    stream = _SIDE_STREAMS.get(device)
-    if stream is None:
-        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return stream
 
 
 class Router(nn.Module):
@@ -231,10 +224,7 @@ class MoEBlock(nn.Module):
         stream while this stream routes and runs the routed experts' up launch; the down
         launch joins them and adds the shared output. The router's latency-bound launch then
         overlaps the shared experts' weight stream (CUDA graphs capture the fork and join)."""
-        main = torch.cuda.current_stream(h.device)
-        side = _side_stream(h.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
+        with beside(h.device) as side:
             x = norm(h) if residual is None else norm.add_forward(h, residual)[0]
             mlp = self.shared_experts
             assert mlp is not None
