@@ -21,16 +21,11 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.moe import MoEBlock
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import TextRotary
-from engine.layers.streams import beside, join
+from engine.layers.streams import join
 from engine.parallel import current_tp, even_shard, kv_head_shard, padded_shard
 from kernels.gemv import linear as small_m_linear
-from kernels.gemv import qkv_rope_linear, use_gemv
-from kernels.l2_prefetch import l2_prefetch
+from kernels.gemv import qkv_rope_linear
 from kernels.rotary import rotary_embedding
-
-PREFETCH_O_PROJ = True
-"""At decode on GPU, read `o_proj`'s weight into the L2 on a side stream while the attention
-kernels run (read at trace time; benchmarks flip it between CUDA-graph captures)."""
 
 
 class Attention(nn.Module):
@@ -74,11 +69,6 @@ class Attention(nn.Module):
         else:  # quantized projection
             q, k, v = self._heads(self.qkv_proj(x))
             rotary_embedding(q, k, rows, table, kv_write=(v, *kv_write))
-        o_proj = self.o_proj
-        if PREFETCH_O_PROJ and type(o_proj) is Linear and x.is_cuda and use_gemv(x, o_proj.weight):
-            # decode attention is latency-bound: read o_proj's weight into the L2 meanwhile
-            with beside(x.device):
-                l2_prefetch(o_proj.weight)
         out = self.attn(q, k, v, kv_cache, meta, kv_written=True)  # [T, H, D]
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
@@ -176,7 +166,7 @@ class Ernie45Model(nn.Module):
             if after_layer is not None:
                 after_layer(i)
         if h.is_cuda:
-            join(h.device)  # side-stream work (prefetches, shared experts) ends with the step
+            join(h.device)  # side-stream work (the shared experts) ends with the step
         if residual is None:  # no layers
             return self.norm(h)
         return self.norm.add_forward(h, residual)[0]
