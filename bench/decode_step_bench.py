@@ -72,10 +72,10 @@ def _moe(**kw: Any) -> dict[str, Any]:
     return {_TILES: lambda t: dataclasses.replace(t, **kw)}
 
 
-def _gemv(*tiles: Any) -> dict[str, Any]:
+def _gemv(*tiles: Any, shapes: tuple = _QKV_O) -> dict[str, Any]:
     from kernels.triton_impl.gemv import GemvTiles
 
-    return {_GEMV: lambda d: {**d, **{s: GemvTiles(*tiles) for s in _QKV_O}}}
+    return {_GEMV: lambda d: {**d, **{s: GemvTiles(*tiles) for s in shapes}}}
 
 
 _PDL = "kernels._dispatch:PDL"
@@ -84,6 +84,7 @@ _NORM_ROUTE = "kernels.moe:FUSED_NORM_ROUTE"
 _SIDE = "engine.layers.moe:SHARED_SIDE_STREAM"
 _MERGE = "kernels.triton_impl.attention_decode:FUSED_MERGE"
 _MIN_KEYS = "kernels.triton_impl.attention_decode:MIN_KEYS_PER_PROGRAM"
+_ROUTE = "kernels.triton_impl.moe_routing:NORM_ROUTE_TILES"
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # before this session's decode changes, then programmatic dependent launch alone
@@ -107,6 +108,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "moe-bk1024": _moe(up_block_k=1024, down_block_k=1024),
     "moe-1w": _moe(num_warps=1),
     "moe-4stages": _moe(num_stages=4),
+    "route-e1": {_ROUTE: (1, 1024)},
+    "route-e4": {_ROUTE: (4, 1024)},
+    "route-bd512": {_ROUTE: (2, 512)},
+    "qkv-1x1024": _gemv(1, 1024, 4, 3, shapes=_QKV_O[:1]),
+    "qkv-2x512": _gemv(2, 512, 4, 3, shapes=_QKV_O[:1]),
+    "qkv-4x512": _gemv(4, 512, 4, 3, shapes=_QKV_O[:1]),
+    "qkv-2x1024-8w": _gemv(2, 1024, 8, 3, shapes=_QKV_O[:1]),
+    "qkv-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_QKV_O[:1]),
+    "o-1x1024": _gemv(1, 1024, 4, 3, shapes=_QKV_O[1:]),
+    "o-2x512": _gemv(2, 512, 4, 3, shapes=_QKV_O[1:]),
+    "o-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_QKV_O[1:]),
     "gemv-4x1024": _gemv(4, 1024, 4, 3),
     "gemv-8x512": _gemv(8, 512, 4, 3),
     "gemv-2x1024": _gemv(2, 1024, 4, 3),

@@ -269,6 +269,8 @@ def gate_route_triton(
     return weights, ids
 
 
+NORM_ROUTE_TILES = (2, 1024)
+"""(experts per program, hidden columns per step) of the fused norm + router launch."""
 NORM_ROUTE_WARPS: int | None = 8
 """Warps of the fused norm + router launch. H100, 28B b1 step replayed: 8 warps 3.224 ms, 4
 (the norm kernel's count, which makes x bit-identical to ``rms_norm_triton``'s) 3.249, norm
@@ -286,8 +288,8 @@ def norm_gate_route_triton(
     k: int,
     bias: torch.Tensor | None,
     norm_min: float,
-    experts_per_program: int = 2,
-    block_d: int = 1024,
+    experts_per_program: int | None = None,
+    block_d: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``kernels.moe.norm_gate_route``; one launch, T <= GATE_ROUTE_MAX_TOKENS.
@@ -309,8 +311,8 @@ def norm_gate_route_triton(
         bias,
         norm_min,
         (residual, norm_weight, eps, x, res_out),
-        experts_per_program,
-        block_d,
+        experts_per_program or NORM_ROUTE_TILES[0],
+        block_d or NORM_ROUTE_TILES[1],
         num_warps or NORM_ROUTE_WARPS or NORM_NUM_WARPS,
     )
     return weights, ids, x, res_out
