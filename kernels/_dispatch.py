@@ -73,6 +73,11 @@ On by default on Hopper and newer; ``TANDEM_PDL=0`` turns it off (benchmarks fli
 between captures to compare)."""
 
 
+PDL_PRELOAD = os.environ.get("TANDEM_PDL_PRELOAD", "1") != "0"
+"""Under PDL, the decode GEMVs and the router read their first weight chunk before waiting on
+the kernel before them (weights are never written during a step)."""
+
+
 @functools.cache
 def _pdl_capable(index: int) -> bool:
     if interpreting() or not triton_available():

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _dispatch
 from kernels._dispatch import next_pow2, use_pdl
-from kernels.triton_impl.pdl import pdl_enter
+from kernels.triton_impl.pdl import pdl_enter, pdl_launch, pdl_wait
 
 
 @dataclass(frozen=True)
@@ -59,11 +60,30 @@ def _gemv_acc(
     M_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
-    # fp32 [M_PAD, BLOCK_N]: sum_k x[m, k] * w[n, k] (+ b[n]) for this program's rows of w
+    # fp32 [M_PAD, BLOCK_N]: sum_k x[m, k] * w[n, k] (+ b[n]) for this program's rows of w.
+    # Waits on the previous kernel (PDL) itself: with PRELOAD the first weight chunk is read
+    # before the wait (same products, same order: bit-identical).
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # reduced once, at the end
+    start = 0
+    if PRELOAD:
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        pdl_wait(PDL)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+        start = BLOCK_K
+    else:
+        pdl_wait(PDL)
+    for k0 in range(start, K, BLOCK_K):  # reduced once, at the end
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -96,16 +116,17 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
     # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]); one program = BLOCK_N rows of w, all M rows.
-    pdl_enter(PDL)
+    pdl_launch(PDL)  # the wait is in _gemv_acc
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < M
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
-        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD,
     )  # fmt: skip
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -136,13 +157,14 @@ def _qkv_rope_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
     # The qkv projection y = [q | k | v] (as _gemv_kernel), then in registers: the rotary
     # embedding of the q and k columns (interleaved pairs (2j, 2j+1), angles from row
     # rows[m] of the step's cos|sin table) and the rotated k and the v columns written into
     # the paged cache at slot[m] (< 0: skip). BLOCK_N divides D, so a program's columns
     # lie in one head: its pairs are whole and it is all q, all k or all v.
-    pdl_enter(PDL)
+    pdl_launch(PDL)  # the wait is in _gemv_acc
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -150,7 +172,7 @@ def _qkv_rope_kernel(
     mask_m = offs_m < M
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
-        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD,
     )  # fmt: skip
     y = acc.to(y_ptr.dtype.element_ty)  # rounded as the linear's output is, then rotated
     half: tl.constexpr = BLOCK_N // 2
@@ -214,6 +236,7 @@ def gemv_triton(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         PDL=pdl,
+        PRELOAD=_dispatch.PDL_PRELOAD,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
@@ -267,6 +290,7 @@ def qkv_rope_triton(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         PDL=pdl,
+        PRELOAD=_dispatch.PDL_PRELOAD,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,

@@ -11,8 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import _dispatch
 from kernels._dispatch import next_pow2, use_pdl
-from kernels.triton_impl.pdl import pdl_enter
+from kernels.triton_impl.pdl import pdl_enter, pdl_launch, pdl_wait
 from kernels.triton_impl.rms_norm import NUM_WARPS as NORM_NUM_WARPS
 from kernels.triton_impl.rms_norm import add_residual, rms_apply, rms_rstd
 
@@ -168,6 +169,7 @@ def _gate_route_kernel(
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
     # Grid (T, NPROG): program (t, c) computes the fp32 logits of experts
     # [c*E_PER, (c+1)*E_PER) for token t from the bf16/fp32 hidden row (upcast in registers,
@@ -180,9 +182,24 @@ def _gate_route_kernel(
     # itself (one `tl.sum` over BLOCK_N = next_pow2(D), as the norm kernel does), then
     # normalises each chunk it reads; program c == 0 also stores the normalised row and the
     # residual sum for the expert kernels and the next layer.
-    pdl_enter(PDL)
+    #
+    # PRELOAD: the first BLOCK_D columns of this program's router rows are read before the
+    # wait on the previous kernel (weights are never written during a step); same products
+    # in the same order.
+    pdl_launch(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
+    offs_e = c * E_PER + tl.arange(0, E_PER)
+    mask_e = offs_e < E
+    w_first = tl.zeros([E_PER, BLOCK_D], dtype=tl.float32)
+    if PRELOAD:
+        offs_d = tl.arange(0, BLOCK_D)
+        w_first = tl.load(
+            w_ptr + offs_e[:, None] * D + offs_d[None, :],
+            mask=mask_e[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    pdl_wait(PDL)
     NORM: tl.constexpr = NORM_D > 0
     rstd = 1.0
     if NORM:
@@ -197,10 +214,17 @@ def _gate_route_kernel(
             tl.store(x_out_ptr + t * NORM_D + offs_n, rms_apply(h, rstd, nw), mask=mask_n)
             if HAS_RESIDUAL:
                 tl.store(res_out_ptr + t * NORM_D + offs_n, h, mask=mask_n)
-    offs_e = c * E_PER + tl.arange(0, E_PER)
-    mask_e = offs_e < E
     acc = tl.zeros([E_PER, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    start = 0
+    if PRELOAD:
+        offs_d = tl.arange(0, BLOCK_D)
+        xv = _router_input(
+            x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, offs_d, offs_d < D, rstd,
+            NORM, HAS_RESIDUAL,
+        )  # fmt: skip
+        acc += w_first * xv[None, :]
+        start = BLOCK_D
+    for d0 in range(start, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         xv = _router_input(
@@ -376,6 +400,7 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=next_pow2(d) if norm is not None else 1,
         PDL=pdl,
+        PRELOAD=_dispatch.PDL_PRELOAD,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

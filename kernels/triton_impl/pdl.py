@@ -15,6 +15,10 @@ Measured on an H100, 28B decode step at batch 1 (bench/decode_step_bench.py, RES
 rows before the wait (bulk prefetch) was tried and lost 0.08 ms: the early prefetches
 competed with the attention and MoE kernels still running.
 
+A kernel may split the two (``pdl_launch`` ... ``pdl_wait``) to read *weights* in between:
+they are never written while a step runs, so their HBM latency overlaps the previous kernel's
+tail (``PDL_PRELOAD``: the decode GEMVs and the router read their first weight chunk there).
+
 Both instructions are no-ops when the launch did not ask for PDL; the interpreter never takes
 these branches (``PDL`` is false on CPU).
 """
@@ -30,4 +34,18 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 def pdl_enter(PDL: tl.constexpr):
     if PDL:
         gdc_launch_dependents()
+        gdc_wait()
+
+
+@triton.jit
+def pdl_launch(PDL: tl.constexpr):
+    # the first half of pdl_enter: let the next kernel be scheduled
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    # the second half: block until the previous kernel is complete and its writes visible
+    if PDL:
         gdc_wait()

@@ -171,3 +171,27 @@ def test_qkv_rope_matches_linear_then_rotary(
         got = qkv_rope_linear(x, w, b, hq, hkv, (table, rows), (kc, vc, slots), impl="triton")
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
         torch.testing.assert_close(kc, kc_ref, rtol=tol, atol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("k_in", [200, 1024, 3000])
+def test_weight_preload_is_bit_identical(monkeypatch, k_in: int) -> None:
+    """The first weight chunk read before the PDL wait: same products, same order."""
+    from kernels import _dispatch
+    from kernels.moe import gate_route
+    from kernels.triton_impl.gemv import GemvTiles, gemv_triton
+
+    x = torch.randn(1, k_in, dtype=torch.float16)
+    w = torch.randn(37, k_in, dtype=torch.float16) / k_in**0.5
+    router = torch.randn(12, k_in) / k_in**0.5
+    out = {}
+    for preload in (False, True):
+        monkeypatch.setattr(_dispatch, "PDL_PRELOAD", preload)
+        y = gemv_triton(x, w, None, GemvTiles(4, 512, 2))
+        rw, rid = gate_route(x, router, 3, None, impl="triton")
+        out[preload] = (y, rw, rid)
+    for a, b in zip(out[False], out[True], strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(
+        out[True][0].float(), (x.float() @ w.float().T), rtol=2e-3, atol=2e-3
+    )
