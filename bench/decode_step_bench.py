@@ -86,7 +86,6 @@ _MERGE = "kernels.triton_impl.attention_decode:FUSED_MERGE"
 _MIN_KEYS = "kernels.triton_impl.attention_decode:MIN_KEYS_PER_PROGRAM"
 _ROUTE = "kernels.triton_impl.moe_routing:NORM_ROUTE_TILES"
 _PRE = "kernels._dispatch:PDL_PRELOAD"
-_NQKV = "kernels.gemv:NORM_QKV_FUSED"
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # before this session's decode changes, then programmatic dependent launch alone
@@ -98,21 +97,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         _GEMV: _old_gemv,
         _PRE: False,
     },
-    "pdl": {
-        _QKV: False,
-        _NORM_ROUTE: False,
-        _SIDE: False,
-        _GEMV: _old_gemv,
-        _PRE: False,
-        _NQKV: False,
-    },
+    "pdl": {_QKV: False, _NORM_ROUTE: False, _SIDE: False, _GEMV: _old_gemv, _PRE: False},
     "default": {},
     # the defaults less one change
     "-qkv-rope": {_QKV: False},
     "-norm-route": {_NORM_ROUTE: False},
     "-side-stream": {_SIDE: False},
     "-preload": {_PRE: False},
-    "-norm-qkv": {_NQKV: False},
     "+fused-merge": {_MERGE: True},
     "norm-route-8w": {"kernels.triton_impl.moe_routing:NORM_ROUTE_WARPS": 8},
     "keys64": {_MIN_KEYS: 64},

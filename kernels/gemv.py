@@ -18,8 +18,6 @@ from kernels._dispatch import Impl, use_triton
 GEMV_ENABLED = True
 GEMV_MAX_M = 1
 QKV_ROPE_FUSED = True
-NORM_QKV_FUSED = True
-"""``norm_qkv_rope_linear`` also runs the attention's input RMSNorm inside that launch."""
 """``qkv_rope_linear`` runs the projection, rotary and cache write in one launch where the GEMV
 runs (read at trace time, like the switches above; benchmarks flip it between captures)."""
 
@@ -85,7 +83,7 @@ def qkv_rope_linear(
         assert slots.shape == rows.shape and slots.dtype == torch.int64, slots.dtype
         return qkv_rope_triton(
             x, weight, bias, num_heads, num_kv_heads, table, rows, k_cache, v_cache, slots
-        )[0]
+        )
     from kernels.rotary import rotary_embedding
 
     qkv = linear(x, weight, bias, impl)
@@ -95,55 +93,3 @@ def qkv_rope_linear(
     v = v.view(-1, num_kv_heads, d)
     rotary_embedding(q, k, rows, table, impl=impl, kv_write=(v, k_cache, v_cache, slots))
     return qkv
-
-
-def norm_qkv_rope_linear(
-    h: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    num_heads: int,
-    num_kv_heads: int,
-    rope: tuple[torch.Tensor, torch.Tensor],
-    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    impl: Impl = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x, residual_out = kernels.rms_norm(h, norm_weight, eps, residual)`` then
-    ``qkv_rope_linear(x, ...)``; returns (qkv, residual_out). Where the fused qkv launch runs
-    (one row), the norm runs inside it too: every program normalises the row itself and
-    program 0 stores the residual sum."""
-    from kernels.rms_norm import rms_norm
-
-    table, rows = rope
-    d = table.shape[1]
-    fused = (NORM_QKV_FUSED and QKV_ROPE_FUSED) or impl is not None
-    if (
-        fused
-        and h.shape[0] == 1
-        and h.is_contiguous()
-        and use_gemv(h, weight, impl)
-        and d % 4 == 0
-        and (bias is None or bias.is_contiguous())
-        and norm_weight.shape == (h.shape[1],)
-        and (residual is None or residual.is_contiguous())
-    ):
-        from kernels.triton_impl.gemv import qkv_rope_triton
-
-        k_cache, v_cache, slots = kv_write
-        assert weight.shape[0] == (num_heads + 2 * num_kv_heads) * d, (weight.shape, d)
-        assert k_cache.dim() == 4 and k_cache.shape[2:] == (num_kv_heads, d), k_cache.shape
-        assert v_cache.shape == k_cache.shape and k_cache.dtype == v_cache.dtype == h.dtype
-        assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
-        assert slots.shape == rows.shape == (1,) and slots.dtype == torch.int64, slots.dtype
-        assert table.dtype == torch.float32 and table.is_contiguous(), table.dtype
-        if residual is not None:
-            assert residual.shape == h.shape and residual.dtype == h.dtype, residual.shape
-        return qkv_rope_triton(
-            h, weight, bias, num_heads, num_kv_heads, table, rows, k_cache, v_cache, slots,
-            norm=(residual, norm_weight.contiguous(), eps),
-        )  # fmt: skip
-    x, residual_out = rms_norm(h, norm_weight, eps, residual, impl=impl)
-    qkv = qkv_rope_linear(x, weight, bias, num_heads, num_kv_heads, rope, kv_write, impl)
-    return qkv, residual_out

@@ -24,7 +24,7 @@ from engine.layers.rotary import TextRotary
 from engine.layers.streams import join
 from engine.parallel import current_tp, even_shard, kv_head_shard, padded_shard
 from kernels.gemv import linear as small_m_linear
-from kernels.gemv import norm_qkv_rope_linear, qkv_rope_linear
+from kernels.gemv import qkv_rope_linear
 from kernels.rotary import rotary_embedding
 
 
@@ -69,38 +69,6 @@ class Attention(nn.Module):
         else:  # quantized projection
             q, k, v = self._heads(self.qkv_proj(x))
             rotary_embedding(q, k, rows, table, kv_write=(v, *kv_write))
-        return self._attend(q, k, v, kv_cache, meta)
-
-    def add_norm_forward(
-        self,
-        h: torch.Tensor,
-        residual: torch.Tensor | None,
-        norm: RMSNorm,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`self(x)` of `x, residual_out = norm.add_forward(h, residual)` (residual None:
-        `norm(h)`, h); returns (output, residual_out). At decode on GPU the norm runs inside
-        the qkv launch (`kernels.gemv.norm_qkv_rope_linear`)."""
-        if type(self.qkv_proj) is MergedLinear:
-            qkv, residual_out = norm_qkv_rope_linear(
-                h, residual, norm.weight, norm.eps, self.qkv_proj.weight, self.qkv_proj.bias,
-                self.num_heads, self.num_kv_heads, rope, (*kv_cache, meta.slot_mapping),
-            )  # fmt: skip
-            return self._attend(*self._heads(qkv), kv_cache, meta), residual_out
-        x, residual_out = (norm(h), h) if residual is None else norm.add_forward(h, residual)
-        return self(x, rope, kv_cache, meta), residual_out
-
-    def _attend(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        """Attention over the cache (k, v already in it), then o_proj (all-reduced)."""
         out = self.attn(q, k, v, kv_cache, meta, kv_written=True)  # [T, H, D]
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
@@ -155,10 +123,11 @@ class DecoderLayer(nn.Module):
 
         The stream is `residual + h`; the add is left to the next norm, which fuses it
         (the same bf16 roundings as adding first: see kernels.rms_norm)."""
-        # the input norm rides in the qkv launch at decode on GPU
-        h, residual = self.self_attn.add_norm_forward(
-            h, residual, self.input_layernorm, rope, kv_cache, meta
-        )
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(x, rope, kv_cache, meta)
         if isinstance(self.mlp, MoEBlock):  # at decode the norm rides in the router launch
             return self.mlp.add_norm_forward(
                 h, residual, self.post_attention_layernorm, vision_mask

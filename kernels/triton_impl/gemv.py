@@ -19,7 +19,6 @@ import triton.language as tl
 from kernels import _dispatch
 from kernels._dispatch import next_pow2, use_pdl
 from kernels.triton_impl.pdl import pdl_enter, pdl_launch, pdl_wait
-from kernels.triton_impl.rms_norm import add_residual, rms_apply, rms_rstd
 
 
 @dataclass(frozen=True)
@@ -46,25 +45,6 @@ def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
 
 
 @triton.jit
-def _gemv_x(
-    x_ptr, res_ptr, nw_ptr, offs_m, mask_m, offs_k, mask_k, stride_xm, rstd,
-    NORM_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):  # fmt: skip
-    # [M_PAD, BLOCK_K] columns of the GEMV input: x itself, or with NORM_D (one row) the
-    # RMSNorm of x (+ residual) rounded exactly as `_rms_norm_kernel` rounds it
-    x = tl.load(
-        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-        mask=mask_m[:, None] & mask_k[None, :],
-        other=0.0,
-    )
-    if NORM_D > 0:
-        if HAS_RESIDUAL:
-            x = add_residual(x, tl.load(res_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0))
-        x = rms_apply(x, rstd, tl.load(nw_ptr + offs_k[None, :], mask=mask_k[None, :], other=0.0))
-    return x
-
-
-@triton.jit
 def _gemv_acc(
     x_ptr,
     w_ptr,
@@ -82,64 +62,36 @@ def _gemv_acc(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
-    res_ptr,
-    nw_ptr,
-    res_out_ptr,
-    eps,
-    NORM_D: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK_F: tl.constexpr,
 ):
     # fp32 [M_PAD, BLOCK_N]: sum_k x[m, k] * w[n, k] (+ b[n]) for this program's rows of w.
     # Waits on the previous kernel (PDL) itself: with PRELOAD the first weight chunk is read
-    # before the wait (same products, same order: bit-identical). NORM_D > 0 (one row): x is
-    # normalised on the fly (`_gemv_x`); program 0 stores the residual sum.
+    # before the wait (same products, same order: bit-identical).
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    w_first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
-    if PRELOAD:
-        offs_k = tl.arange(0, BLOCK_K)
-        w_first = tl.load(
-            w_rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0
-        )
-    pdl_wait(PDL)
-    rstd = 1.0
-    if NORM_D > 0:  # the whole row's sum of squares, as the norm kernel reduces it
-        offs_f = tl.arange(0, BLOCK_F)
-        mask_f = offs_f < NORM_D
-        h = tl.load(x_ptr + offs_f, mask=mask_f, other=0.0)
-        if HAS_RESIDUAL:
-            h = add_residual(h, tl.load(res_ptr + offs_f, mask=mask_f, other=0.0))
-            if tl.program_id(0) == 0:
-                tl.store(res_out_ptr + offs_f, h, mask=mask_f)
-        rstd = rms_rstd(h, eps, NORM_D)
     start = 0
     if PRELOAD:
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = _gemv_x(
-            x_ptr, res_ptr, nw_ptr, offs_m, mask_m, offs_k, mask_k, stride_xm, rstd,
-            NORM_D, HAS_RESIDUAL,
-        )  # fmt: skip
-        acc3 += x.to(tl.float32)[:, None, :] * w_first.to(tl.float32)[None, :, :]
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        pdl_wait(PDL)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
         start = BLOCK_K
+    else:
+        pdl_wait(PDL)
     for k0 in range(start, K, BLOCK_K):  # reduced once, at the end
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        x = _gemv_x(
-            x_ptr,
-            res_ptr,
-            nw_ptr,
-            offs_m,
-            mask_m,
-            offs_k,
-            mask_k,
-            stride_xm,
-            rstd,
-            NORM_D,
-            HAS_RESIDUAL,
-        )  # fmt: skip  [M_PAD, BLOCK_K]
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )  # [M_PAD, BLOCK_K]
         acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
     acc = tl.sum(acc3, axis=2)  # [M_PAD, BLOCK_N]
     if HAS_BIAS:
@@ -175,7 +127,6 @@ def _gemv_kernel(
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
         HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD,
-        x_ptr, x_ptr, x_ptr, 0.0, 0, False, 1,  # no norm
     )  # fmt: skip
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -192,10 +143,6 @@ def _qkv_rope_kernel(
     slot_ptr,
     k_cache_ptr,
     v_cache_ptr,
-    res_ptr,
-    nw_ptr,
-    res_out_ptr,
-    eps,
     N,
     K,
     stride_xm,
@@ -203,9 +150,6 @@ def _qkv_rope_kernel(
     stride_ym,
     M: tl.constexpr,
     M_PAD: tl.constexpr,
-    NORM_D: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    BLOCK_F: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     D: tl.constexpr,
@@ -229,7 +173,6 @@ def _qkv_rope_kernel(
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
         HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD,
-        res_ptr, nw_ptr, res_out_ptr, eps, NORM_D, HAS_RESIDUAL, BLOCK_F,
     )  # fmt: skip
     y = acc.to(y_ptr.dtype.element_ty)  # rounded as the linear's output is, then rotated
     half: tl.constexpr = BLOCK_N // 2
@@ -313,13 +256,8 @@ def qkv_rope_triton(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     tiles: GemvTiles | None = None,
-    norm: tuple[torch.Tensor | None, torch.Tensor, float] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shapes are checked by ``kernels.gemv.qkv_rope_linear``; returns (``[M, N]``, x).
-
-    ``norm`` = (residual or None, norm weight, eps), one row: x is the pre-norm hidden row
-    and the projection reads ``rms_norm(x + residual) * weight``, normalised on the fly;
-    returns (qkv, residual sum), the sum being x itself without a residual."""
+) -> torch.Tensor:
+    """Shapes are checked by ``kernels.gemv.qkv_rope_linear``; returns ``[M, N]``."""
     # M rows, K in, N = (Hq + 2 Hkv) D out
     m, k = x.shape
     n = weight.shape[0]
@@ -327,13 +265,6 @@ def qkv_rope_triton(
     tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
     assert d % tiles.block_n == 0 and tiles.block_n % 2 == 0, (d, tiles.block_n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    residual, norm_w, eps = norm if norm is not None else (None, x, 0.0)
-    res_out = x
-    if norm is not None:
-        assert m == 1 and x.is_contiguous() and norm_w.shape == (k,), (x.shape, norm_w.shape)
-        if residual is not None:
-            assert residual.shape == x.shape and residual.is_contiguous(), residual.shape
-            res_out = torch.empty_like(x)
     pdl = use_pdl(x)
     _qkv_rope_kernel[(triton.cdiv(n, tiles.block_n),)](
         x,
@@ -345,10 +276,6 @@ def qkv_rope_triton(
         slot_mapping,
         k_cache,
         v_cache,
-        x if residual is None else residual,
-        norm_w,
-        res_out,
-        eps,
         n,
         k,
         x.stride(0),
@@ -356,9 +283,6 @@ def qkv_rope_triton(
         y.stride(0),
         M=m,
         M_PAD=next_pow2(m),
-        NORM_D=k if norm is not None else 0,
-        HAS_RESIDUAL=residual is not None,
-        BLOCK_F=next_pow2(k) if norm is not None else 1,
         HQ=num_heads,
         HKV=num_kv_heads,
         D=d,
@@ -371,7 +295,7 @@ def qkv_rope_triton(
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
     )
-    return y, res_out
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
