@@ -96,7 +96,10 @@ class DecodeGraphs:
         self.num_rows = position_rows + 3
         pin = device.type == "cuda"
         self.host = torch.zeros(self.num_rows, b, dtype=torch.long, pin_memory=pin)  # [R, B]
-        self.copied = torch.cuda.Event() if pin else None  # the last copy out of `host`
+        # the step's block table, packed [n, w] at the front (pinned: an async copy)
+        self.host_tables = torch.zeros(b * self.width, dtype=torch.int32, pin_memory=pin)
+        self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
+        self.copied = torch.cuda.Event() if pin else None  # the last copy out of the host
         self.packed = torch.zeros(self.num_rows, b, dtype=torch.long, device=device)  # [R, B]
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)  # [B]
         self.tables = torch.zeros(b, self.width, dtype=torch.int32, device=device)  # [B, W]
@@ -106,12 +109,13 @@ class DecodeGraphs:
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
 
-    def _pad_inputs(self, batch: int) -> None:
-        """Rows >= batch: token 0 at position 0, slot -1 (no KV write), one key of context."""
-        h = self.host
-        h[:, batch:] = 0
-        h[-2, batch:] = -1
-        h[-1, batch:] = 1
+    def _pad_inputs(self, batch: int, bucket: int | None = None) -> None:
+        """Rows batch..bucket-1 (default: all past batch): token 0 at position 0, slot -1 (no
+        KV write), one key of context."""
+        h = self.host_np
+        h[:, batch:bucket] = 0
+        h[-2, batch:bucket] = -1
+        h[-1, batch:bucket] = 1
 
     def _step(self, b: int) -> Callable[[], torch.Tensor]:
         packed = self.packed[:, :b]
@@ -154,35 +158,50 @@ class DecodeGraphs:
         (the same on every position row); tables: each sequence's block ids."""
         n = len(ids)
         b = self.bucket(n)
-        table = block_table(tables)  # [n, width] int32, zero-padded
-        assert b is not None and table.shape[1] <= self.width, (n, self.width)
+        width = max(map(len, tables))
+        assert b is not None and width <= self.width, (n, self.width)
         if self.copied is not None:
-            self.copied.synchronize()  # `host` may still be in flight to the device
+            self.copied.synchronize()  # the host buffers may still be in flight to the device
         graph, out = self._graph(b)
-        h = self.host
-        if isinstance(positions, list):  # every row in one host tensor
-            h[:, :n] = torch.tensor([ids, *([positions] * self.position_rows), slots, seq_lens])
+        h = self.host_np  # numpy views of the pinned buffers: cheap element writes
+        h[0, :n] = ids
+        if isinstance(positions, list):
+            h[1:-2, :n] = positions  # text rows: the same position on every row
         else:
-            h[0, :n] = torch.tensor(ids)
-            h[1:-2, :n] = positions.reshape(self.position_rows, n)
-            h[-2, :n] = torch.tensor(slots)
-            h[-1, :n] = torch.tensor(seq_lens)
-        self._pad_inputs(n)
-        self.packed.copy_(h, non_blocking=True)  # all of it: one contiguous copy of a few KB
+            h[1:-2, :n] = positions.reshape(self.position_rows, n).numpy()
+        h[-2, :n] = slots
+        h[-1, :n] = seq_lens
+        if n < b:
+            self._pad_inputs(n, b)
+        self.packed.copy_(self.host, non_blocking=True)  # one contiguous copy of a few KB
+        # Entries past a sequence's blocks stay stale: the kernels never read them.
+        block_table(tables, width, self.host_tables_np[: n * width].reshape(n, width))
+        staged = self.host_tables[: n * width].view(n, width)
+        self.tables[:n, :width].copy_(staged, non_blocking=True)
         if self.copied is not None:
             self.copied.record()
-        # Entries past a sequence's blocks stay stale: the kernels never read them.
-        self.tables[:n, : table.shape[1]].copy_(torch.from_numpy(table))
         graph.replay()
         return out[:n]
 
 
-def block_table(tables: list[list[int]]) -> np.ndarray:
-    """`[n, width]` int32 block table, rows zero-padded to the longest (one host array)."""
+def block_table(
+    tables: list[list[int]], width: int | None = None, out: np.ndarray | None = None
+) -> np.ndarray:
+    """`[n, width]` int32 block table, rows zero-padded to the longest (one host array);
+    `out` (`[n, width]`, width the longest row) is filled in place when given."""
+    if len(tables) == 1:  # decode at batch 1: one row, nothing to pad
+        row = np.asarray(tables[0], dtype=np.int32)
+        if out is None:
+            return row.reshape(1, -1)
+        out[0] = row
+        return out
     lens = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-    width = int(lens.max())
+    width = int(lens.max()) if width is None else width
     flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lens.sum()))
-    out = np.zeros((len(tables), width), dtype=np.int32)
+    if out is None:
+        out = np.zeros((len(tables), width), dtype=np.int32)
+    else:
+        out[:] = 0
     if lens.min() == width:
         out.reshape(-1)[:] = flat
     else:

@@ -29,6 +29,19 @@ def test_block_table_pads_rows() -> None:
     got = block_table(tables)
     assert got.dtype == np.int32 and np.array_equal(got, want)
     assert np.array_equal(block_table([[1, 2], [3, 4]]), np.array([[1, 2], [3, 4]]))
+    assert np.array_equal(block_table([[4, 6, 2]]), np.array([[4, 6, 2]], dtype=np.int32))
+
+
+def test_block_table_fills_a_staging_buffer_in_place() -> None:
+    """The graph path packs the table into the front of a (pinned) flat buffer."""
+    flat = np.full(20, 99, dtype=np.int32)  # stale values from an earlier, wider step
+    for tables in ([[3, 1], [5], [7, 8, 9]], [[1, 2], [3, 4]], [[6, 5, 4, 3]]):
+        n, width = len(tables), max(map(len, tables))
+        out = flat[: n * width].reshape(n, width)
+        got = block_table(tables, width, out)
+        assert got is out and np.array_equal(
+            flat[: n * width].reshape(n, width), block_table(tables)
+        )
 
 
 def test_kept_block_ids_follow_blocks() -> None:
