@@ -205,7 +205,7 @@ def fused_moe(
         w2,
         topk_weights,
         topk_ids,
-        add=add if add is None or add_stream is not None else add.contiguous(),
+        add=add.contiguous() if add is not None else None,
         shared=shared,
         add_stream=add_stream,
     )

@@ -16,8 +16,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 # CI explores the same examples every run (a red build then always means a regression);
 # locally hypothesis keeps searching new ones.
+from collections.abc import Callable
+
+import pytest
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+@pytest.fixture
+def small_moe_block() -> Callable[[int], torch.nn.Module]:
+    """A factory: an eval-mode MoE block (D 32, top-2 of 5 text experts of I 24, 3 vision
+    experts of I 16, shared I 48) with N(0, 0.2) weights drawn from `seed`."""
+
+    from engine.layers.moe import MoEBlock
+
+    def make(seed: int) -> MoEBlock:
+        torch.manual_seed(seed)
+        block = MoEBlock(32, 2, 1e-12, text=(5, 24), vision=(3, 16), shared_intermediate=48)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0, 0.2)
+        return block.eval()
+
+    return make

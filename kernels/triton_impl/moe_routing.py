@@ -97,6 +97,7 @@ def route_triton(
     ids = torch.empty(t, k, dtype=torch.int32, device=gate_logits.device)  # [T, k]
     if t == 0:
         return weights, ids
+    pdl = use_pdl(gate_logits)
     _route_kernel[(t,)](
         gate_logits,
         gate_logits if bias is None else bias,  # placeholder pointer when unused
@@ -109,8 +110,8 @@ def route_triton(
         HAS_BIAS=bias is not None,
         BLOCK_E=next_pow2(e),
         BLOCK_K=next_pow2(k),
-        PDL=use_pdl(gate_logits),
-        launch_pdl=use_pdl(gate_logits),
+        PDL=pdl,
+        launch_pdl=pdl,
     )
     return weights, ids
 

@@ -10,22 +10,12 @@ import torch
 
 import engine.layers.moe as moe_layer
 import kernels.moe as kmoe
-from engine.layers.moe import MoEBlock
 from engine.layers.norm import RMSNorm
 
 
-def _block(seed: int) -> MoEBlock:
-    torch.manual_seed(seed)
-    block = MoEBlock(32, 2, 1e-12, text=(5, 24), vision=(3, 16), shared_intermediate=48)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.2)
-    return block.eval()
-
-
 @pytest.mark.parametrize("t", [1, 3])
-def test_shared_experts_handed_to_the_decode_launches(monkeypatch, t: int) -> None:
-    block = _block(t)
+def test_shared_experts_handed_to_the_decode_launches(monkeypatch, small_moe_block, t: int) -> None:
+    block = small_moe_block(t)
     x = torch.randn(t, 32)
     with torch.no_grad():
         want = block(x)
@@ -45,10 +35,12 @@ def test_shared_experts_handed_to_the_decode_launches(monkeypatch, t: int) -> No
 
 
 @pytest.mark.parametrize("decode", [False, True])
-def test_add_norm_forward_equals_norm_then_block(monkeypatch, decode: bool) -> None:
+def test_add_norm_forward_equals_norm_then_block(
+    monkeypatch, small_moe_block, decode: bool
+) -> None:
     """`add_norm_forward(h, residual, norm)` = the block on `norm.add_forward(h, residual)`;
     on the decode path the norm goes to the router (`norm_gate_route`), elsewhere not."""
-    block = _block(5)
+    block = small_moe_block(5)
     norm = RMSNorm(32, 1e-5)
     with torch.no_grad():
         norm.weight.normal_(1, 0.1)

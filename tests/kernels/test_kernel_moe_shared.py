@@ -7,26 +7,18 @@ import pytest
 import torch
 
 import kernels.moe as kmoe
-from engine.layers.moe import MoEBlock
 from kernels._dispatch import interpreting, triton_available
-
-
-def _block(seed: int) -> MoEBlock:
-    torch.manual_seed(seed)
-    block = MoEBlock(32, 2, 1e-12, text=(5, 24), vision=(3, 16), shared_intermediate=48)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.2)
-    return block.eval()
 
 
 @pytest.mark.skipif(
     not (triton_available() and interpreting()), reason="needs triton and TRITON_INTERPRET=1"
 )
-def test_fused_moe_with_shared_on_the_decode_kernel_equals_separate_mlp(monkeypatch) -> None:
+def test_fused_moe_with_shared_on_the_decode_kernel_equals_separate_mlp(
+    monkeypatch, small_moe_block
+) -> None:
     """`kernels.moe.fused_moe(shared=...)` through the Triton decode kernel (interpreter)."""
     monkeypatch.setattr(kmoe, "shares_decode_launches", lambda x: True)
-    block = _block(7)
+    block = small_moe_block(7)
     x = torch.randn(2, 32)
     experts = block.text_moe.experts
     mlp = block.shared_experts
