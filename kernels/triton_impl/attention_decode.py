@@ -63,38 +63,150 @@ def _store_partial(
 
 
 @triton.jit
-def _merge_group(
+def _merge_head(
     part_out_ptr,
     part_lse_ptr,
-    first,  # [BLOCK_G] row of each head's split 0
+    row0,  # the head's split-0 row
     num_active,
+    offs_d,
+    mask_d,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    # sum_s out_s * w_s / sum_s w_s over the first num_active splits, w_s = 2^(lse_s - max lse),
+    # as _decode_merge_kernel does (its extra splits are empty: weight 0). All splits in one
+    # load each for lse and out (one L2 round trip, not one per split); ".cg": other programs
+    # wrote these rows in this launch, a line in this SM's L1 could be stale.
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < num_active
+    rows = row0 + offs_s
+    lse = tl.load(part_lse_ptr + rows, mask=mask_s, other=float("-inf"), cache_modifier=".cg")
+    part = tl.load(
+        part_out_ptr + rows[:, None] * D + offs_d[None, :],
+        mask=mask_s[:, None] & mask_d[None, :],
+        other=0.0,
+        cache_modifier=".cg",
+    )  # [BLOCK_S, BLOCK_D]
+    w = tl.exp2(lse - tl.max(lse, axis=0))  # split 0 is never empty: the max is finite
+    return tl.sum(part * w[:, None], axis=0) / tl.sum(w, axis=0)
+
+
+@triton.jit
+def _split_range(
+    seq_len, split, NUM_SPLITS: tl.constexpr, MIN_KEYS: tl.constexpr, BLOCK_N: tl.constexpr
+):
+    # (lo, hi, splits with keys) of split `split` of a sequence. Split the sequence's own
+    # context, not the table width: a CUDA graph is captured with tables as wide as the
+    # longest sequence could be, and the work must still spread over the S programs. Each
+    # split covers a whole number of BLOCK_N tiles, at least MIN_KEYS.
+    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_KEYS)
+    split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
+    num_active = tl.cdiv(seq_len, split_len)  # >= 1 as seq_len >= 1
+    lo = split * split_len
+    return lo, tl.minimum(lo + split_len, seq_len), num_active
+
+
+@triton.jit
+def _publish_split(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    counter,  # this (sequence, kv head)'s arrival counter, zero between launches
+    seq_heads,  # the sequence's first row of heads, b * HQ
+    split,
+    num_active,
+    out,
+    lse,
+    q_start,
+    stride_ot,
+    stride_oh,
+    head0,  # the group's first query head
     offs_d,
     mask_g,
     mask_gd,
+    NUM_SPLITS: tl.constexpr,
     D: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_G: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    # sum_s out_s * w_s / sum_s w_s over the first num_active splits, w_s = 2^(lse_s - max lse),
-    # as _decode_merge_kernel (whose extra splits are empty: weight 0). volatile: other programs
-    # wrote these rows; a cached line could be stale. Masked rows read lse 0: no nan.
-    m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    for s in range(0, num_active):
-        m = tl.maximum(m, tl.load(part_lse_ptr + first + s, mask=mask_g, other=0.0, volatile=True))
-    den = tl.zeros([BLOCK_G], dtype=tl.float32)
+    # One split's result: written as the output rows when it is the whole context (the merge
+    # would return it as is, w = 1; with one split this is static: no partials, no counter),
+    # else published as a partial; the last split of the group to arrive merges, head by head.
+    heads = head0 + tl.arange(0, BLOCK_G)
+    first = (seq_heads + heads) * NUM_SPLITS  # [BLOCK_G] row of each head's split 0
+    if NUM_SPLITS == 1 or num_active == 1:
+        _store_rows(out_ptr, q_start, stride_ot, stride_oh, heads, offs_d, out, mask_gd)
+    else:
+        _store_partial(
+            part_out_ptr, part_lse_ptr, first + split, out, lse, offs_d, mask_g, mask_gd, D
+        )
+        # Every thread's stores precede the arrival: the barrier orders them before the
+        # one thread that does the (acq_rel, gpu-scope) atomic.
+        tl.debug_barrier()
+        if tl.atomic_add(counter, 1) == num_active - 1:  # the last to arrive merges
+            tl.atomic_xchg(counter, 0)
+            mask_d = offs_d < D
+            row = out_ptr + q_start.to(tl.int64) * stride_ot
+            for g in tl.static_range(GROUP):  # unrolled: the heads' loads overlap
+                h = head0 + g
+                merged = _merge_head(
+                    part_out_ptr, part_lse_ptr, (seq_heads + h) * NUM_SPLITS, num_active,
+                    offs_d, mask_d, D, BLOCK_S,
+                )  # fmt: skip
+                tl.store(
+                    row + h * stride_oh + offs_d, merged.to(out_ptr.dtype.element_ty), mask=mask_d
+                )
+
+
+@triton.jit
+def _attend_keys(
+    q,  # [BLOCK_G, BLOCK_D] the query heads of kv head kvh
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,  # this sequence's block table row
+    lo,
+    hi,
+    kvh,
+    offs_d,
+    mask_d,
+    qk_scale,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    KV_CACHE: tl.constexpr,  # cache modifier of the K/V loads ("" or ".cg")
+):
+    # (out [BLOCK_G, BLOCK_D] normalised, lse [BLOCK_G] log2-sum-exp) of the query rows over
+    # the keys [lo, hi) of the sequence; lse is -inf where there are none.
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) free of (-inf) - (-inf) = nan.
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for s in range(0, num_active):
-        lse = tl.load(part_lse_ptr + first + s, mask=mask_g, other=0.0, volatile=True)
-        w = tl.exp2(lse - m)  # [BLOCK_G]
-        part = tl.load(
-            part_out_ptr + (first + s)[:, None] * D + offs_d[None, :],
-            mask=mask_gd,
-            other=0.0,
-            volatile=True,
-        )  # [BLOCK_G, BLOCK_D]
-        acc += part * w[:, None]
-        den += w
-    return acc / den[:, None]
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
+        mask_n = pos < hi
+        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=mask_n, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_off = slot[:, None] * (HKV * D) + kvh * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
+        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
+
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, N]
+        # The single query is the last position: every key below seq_len is visible.
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    return acc / tl.maximum(l_i, 1e-30)[:, None], lse
 
 
 @triton.jit
@@ -124,6 +236,7 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # next_pow2(NUM_SPLITS)
     MIN_KEYS: tl.constexpr,
     FUSED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -137,17 +250,11 @@ def _decode_split_kernel(
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if q_len == 0:  # an empty (padding) sequence owns no output row (all its programs leave)
         return
-    seq_len = tl.load(seq_lens_ptr + b)
-    # Split this sequence's own context, not the table width: a CUDA graph is captured with
-    # tables as wide as the longest sequence could be, and the work must still spread over
-    # the S programs. Each split covers a whole number of BLOCK_N tiles, at least MIN_KEYS.
-    split_len = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_KEYS)
-    split_len = tl.cdiv(split_len, BLOCK_N) * BLOCK_N
-    num_active = tl.cdiv(seq_len, split_len)  # splits with keys; >= 1 as seq_len >= 1
+    lo, hi, num_active = _split_range(
+        tl.load(seq_lens_ptr + b), split, NUM_SPLITS, MIN_KEYS, BLOCK_N
+    )
     if FUSED and split >= num_active:  # nothing to do; the merge counts active splits only
         return
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -158,62 +265,17 @@ def _decode_split_kernel(
     q_ptrs = q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
 
-    # A finite floor instead of -inf keeps exp2(m_old - m_new) free of (-inf) - (-inf) = nan.
-    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
-        mask_n = pos < hi
-        block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=mask_n, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slot[:, None] * (HKV * D) + kvh * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, N]
-        # The single query is the last position: every key below seq_len is visible.
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    # Normalised output and log2-sum-exp of this split (-inf when it has no keys).
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # [BLOCK_G, BLOCK_D]
+    out, lse = _attend_keys(
+        q, k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, lo, hi, kvh, offs_d,
+        mask_d, qk_scale, HKV, D, BLOCK_SIZE, BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, "",
+    )  # fmt: skip
     first = (b * HQ + heads) * NUM_SPLITS  # [BLOCK_G] row of each head's split 0
     if FUSED:
-        # The whole context is here: the merge would return `out` as is (w = 1). With one
-        # split this is static: no partials, no counter.
-        if NUM_SPLITS == 1 or num_active == 1:
-            _store_rows(out_ptr, q_start, stride_ot, stride_oh, heads, offs_d, out, mask_gd)
-        else:
-            _store_partial(
-                part_out_ptr, part_lse_ptr, first + split, out, lse, offs_d, mask_g, mask_gd, D
-            )
-            # Every thread's stores precede the arrival: the barrier orders them before the
-            # one thread that does the (acq_rel, gpu-scope) atomic.
-            tl.debug_barrier()
-            counter = count_ptr + b * HKV + kvh
-            if tl.atomic_add(counter, 1) == num_active - 1:  # the last to arrive merges
-                tl.atomic_xchg(counter, 0)
-                merged = _merge_group(
-                    part_out_ptr,
-                    part_lse_ptr,
-                    first,
-                    num_active,
-                    offs_d,
-                    mask_g,
-                    mask_gd,
-                    D,
-                    BLOCK_G,
-                    BLOCK_D,
-                )
-                _store_rows(out_ptr, q_start, stride_ot, stride_oh, heads, offs_d, merged, mask_gd)
+        _publish_split(
+            part_out_ptr, part_lse_ptr, out_ptr, count_ptr + b * HKV + kvh, b * HQ, split,
+            num_active, out, lse, q_start, stride_ot, stride_oh, kvh * GROUP, offs_d, mask_g,
+            mask_gd, NUM_SPLITS, D, GROUP, BLOCK_G, BLOCK_S,
+        )  # fmt: skip
     else:
         _store_partial(
             part_out_ptr, part_lse_ptr, first + split, out, lse, offs_d, mask_g, mask_gd, D
@@ -358,6 +420,7 @@ def paged_attention_decode(
         BLOCK_G=max(16, next_pow2(group)),
         BLOCK_N=block_n,
         BLOCK_D=max(16, next_pow2(d)),
+        BLOCK_S=next_pow2(num_splits),
         MIN_KEYS=MIN_KEYS_PER_PROGRAM,
         FUSED=fused,
         DOT_PRECISION=dot_precision(q.dtype),
