@@ -86,6 +86,8 @@ _MERGE = "kernels.triton_impl.attention_decode:FUSED_MERGE"
 _MIN_KEYS = "kernels.triton_impl.attention_decode:MIN_KEYS_PER_PROGRAM"
 _ROUTE = "kernels.triton_impl.moe_routing:NORM_ROUTE_TILES"
 _PRE = "kernels._dispatch:PDL_PRELOAD"
+_BLOCK = "kernels.attention_block:FUSED"
+_AB = "kernels.triton_impl.attention_block:"
 
 VARIANTS: dict[str, dict[str, Any]] = {
     # before this session's decode changes, then programmatic dependent launch alone
@@ -96,9 +98,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
         _SIDE: False,
         _GEMV: _old_gemv,
         _PRE: False,
+        _BLOCK: False,
     },
-    "pdl": {_QKV: False, _NORM_ROUTE: False, _SIDE: False, _GEMV: _old_gemv, _PRE: False},
+    "pdl": {
+        _QKV: False,
+        _NORM_ROUTE: False,
+        _SIDE: False,
+        _GEMV: _old_gemv,
+        _PRE: False,
+        _BLOCK: False,
+    },
     "default": {},
+    "+attn-block": {_BLOCK: True},  # the one-launch attention half, then its settings
+    "ab-qkv2": {_BLOCK: True, _AB + "BLOCK_N_QKV": 2},
+    "ab-o2": {_BLOCK: True, _AB + "BLOCK_N_O": 2},
+    "ab-1sm-8w": {_BLOCK: True, _AB + "PROGRAMS_PER_SM": 1, _AB + "NUM_WARPS": 8},
+    "ab-splits16": {_BLOCK: True, _AB + "NUM_SPLITS": 16},
+    "ab-late": {_BLOCK: True, _AB + "EARLY_LAUNCH": False},
     # the defaults less one change
     "-qkv-rope": {_QKV: False},
     "-norm-route": {_NORM_ROUTE: False},

@@ -172,7 +172,8 @@ def _err(name: str, got: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> Non
         FAILURES.append(f"kernel {name}: max|err| {abs_err:.3e}, rel_norm {rel_norm:.2e}")
 
 
-def kernel_checks(dev: torch.device, tiny: bool) -> None:
+def kernel_checks(dev: torch.device, tiny: bool, only: set[str] | None = None) -> None:
+    """Every kernel against its reference (``only``: those checks by name)."""
     import kernels
     from kernels.moe import route
 
@@ -376,13 +377,62 @@ def kernel_checks(dev: torch.device, tiny: bool) -> None:
             finally:
                 routing.NORM_ROUTE_WARPS = default_warps
 
+    def check_attention_block() -> None:
+        # the one-launch attention half vs the chain of separate kernels (and the torch chain)
+        from engine.layers.rotary import TextRotary
+        from kernels.attention_block import attention_block, attention_block_ref
+        from kernels.triton_impl.attention_block import sync_buffer
+
+        bs, n_qkv = 16, (hq + 2 * hkv) * d
+        wqkv, wo = rnd(n_qkv, hidden, scale=hidden**-0.5), rnd(hidden, hq * d, scale=0.05)
+        norm_w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dev, dt)
+        for seq in (1, 77) if tiny else (1, 512, 3000):
+            blocks = -(-seq // bs)
+            ids = torch.randperm(blocks + 8, generator=g)[:blocks] + 1
+            bt = torch.zeros(1, blocks + 4, dtype=torch.int32)
+            bt[0, :blocks] = ids.to(torch.int32)
+            slot = int(bt[0, (seq - 1) // bs]) * bs + (seq - 1) % bs
+            meta = (
+                torch.tensor([slot], device=dev),
+                bt.to(dev),
+                torch.tensor([seq], dtype=torch.int32, device=dev),
+                torch.tensor([0, 1], dtype=torch.int32, device=dev),
+            )
+            rope = TextRotary(d, 500000.0).to(dev).step_table(torch.tensor([seq - 1], device=dev))
+            cache = (rnd(blocks + 9, bs, hkv, d), rnd(blocks + 9, bs, hkv, d))
+            h, res = rnd(1, hidden), rnd(1, hidden)
+            outs = {}
+            for name, fn, kw in (
+                ("fused", attention_block, {"impl": impl}),
+                ("chain", attention_block_ref, {"impl": impl}),
+                ("torch", attention_block_ref, {}),
+            ):
+                kv = tuple(c.clone() for c in cache)
+                o, r = fn(
+                    h, res, norm_w, 1e-5, (wqkv, None), (wo, None), hq, hkv, rope, kv, meta,
+                    d**-0.5, **kw,
+                )  # fmt: skip
+                outs[name] = (o, r, *kv)
+            for other in ("chain", "torch"):
+                tag = f"attention_block ctx={seq} vs {other}"
+                _err(tag, outs["fused"][0], outs[other][0], 2e-2)
+                _err(f"{tag} k_cache", outs["fused"][2], outs[other][2], 1e-2)
+                _err(f"{tag} v_cache", outs["fused"][3], outs[other][3], 1e-2)
+                if not torch.equal(outs["fused"][1], outs[other][1]):
+                    FAILURES.append(f"{tag}: residual differs")
+            if sync_buffer(dev).any():
+                FAILURES.append(f"attention_block ctx={seq}: counters not back at zero")
+
     for name, fn in [
+        ("attention_block", check_attention_block),
         ("rms_norm", check_rms_norm),
         ("rotary", check_rotary),
         ("write_kv", check_write_kv),
         ("paged_attention", check_paged_attention),
         ("fused_moe", check_fused_moe),
     ]:
+        if only is not None and name not in only:
+            continue
         try:
             fn()
         except Exception as e:  # one broken kernel must not hide the others

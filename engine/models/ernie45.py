@@ -23,6 +23,7 @@ from engine.layers.norm import RMSNorm
 from engine.layers.rotary import TextRotary
 from engine.layers.streams import join
 from engine.parallel import current_tp, even_shard, kv_head_shard, padded_shard
+from kernels.attention_block import attention_block, use_attention_block
 from kernels.gemv import linear as small_m_linear
 from kernels.gemv import qkv_rope_linear
 from kernels.rotary import rotary_embedding
@@ -71,6 +72,37 @@ class Attention(nn.Module):
             rotary_embedding(q, k, rows, table, kv_write=(v, *kv_write))
         out = self.attn(q, k, v, kv_cache, meta, kv_written=True)  # [T, H, D]
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
+
+    def norm_forward(
+        self,
+        h: torch.Tensor,
+        residual: torch.Tensor | None,
+        norm: RMSNorm,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (attention output, residual stream): the layer's input norm (with
+        the residual add) and `forward`. At one decode token on a GPU, one launch
+        (`kernels.attention_block`); residual None at the first layer."""
+        qkv, o = self.qkv_proj, self.o_proj
+        if (
+            self.tp.size == 1
+            and type(qkv) is MergedLinear
+            and type(o) is Linear
+            and use_attention_block(h, qkv.weight)
+        ):
+            return attention_block(
+                h, residual, norm.weight, norm.eps, (qkv.weight, qkv.bias), (o.weight, o.bias),
+                self.num_heads, self.num_kv_heads, rope, kv_cache,
+                (meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc),
+                self.attn.scale,
+            )  # fmt: skip
+        if residual is None:
+            x, residual = norm(h), h
+        else:
+            x, residual = norm.add_forward(h, residual)
+        return self(x, rope, kv_cache, meta), residual
 
     def _heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """qkv `[T, (H + 2K) D]` -> views q `[T, H, D]`, k and v `[T, K, D]`."""
@@ -123,11 +155,9 @@ class DecoderLayer(nn.Module):
 
         The stream is `residual + h`; the add is left to the next norm, which fuses it
         (the same bf16 roundings as adding first: see kernels.rms_norm)."""
-        if residual is None:
-            x, residual = self.input_layernorm(h), h
-        else:
-            x, residual = self.input_layernorm.add_forward(h, residual)
-        h = self.self_attn(x, rope, kv_cache, meta)
+        h, residual = self.self_attn.norm_forward(
+            h, residual, self.input_layernorm, rope, kv_cache, meta
+        )
         if isinstance(self.mlp, MoEBlock):  # at decode the norm rides in the router launch
             return self.mlp.add_norm_forward(
                 h, residual, self.post_attention_layernorm, vision_mask
