@@ -89,25 +89,13 @@ _PRE = "kernels._dispatch:PDL_PRELOAD"
 _BLOCK = "kernels.attention_block:FUSED"
 _AB = "kernels.triton_impl.attention_block:"
 
+_BEFORE = {_QKV: False, _NORM_ROUTE: False, _SIDE: False, _GEMV: _old_gemv, _PRE: False}
+"""Session 3's decode changes undone (PDL aside)."""
+
 VARIANTS: dict[str, dict[str, Any]] = {
-    # before this session's decode changes, then programmatic dependent launch alone
-    "plain": {
-        _PDL: False,
-        _QKV: False,
-        _NORM_ROUTE: False,
-        _SIDE: False,
-        _GEMV: _old_gemv,
-        _PRE: False,
-        _BLOCK: False,
-    },
-    "pdl": {
-        _QKV: False,
-        _NORM_ROUTE: False,
-        _SIDE: False,
-        _GEMV: _old_gemv,
-        _PRE: False,
-        _BLOCK: False,
-    },
+    # before session 3's decode changes, then programmatic dependent launch alone
+    "plain": {_PDL: False, **_BEFORE},
+    "pdl": _BEFORE,
     "default": {},
     "+attn-block": {_BLOCK: True},  # the one-launch attention half, then its settings
     "ab-qkv2": {_BLOCK: True, _AB + "BLOCK_N_QKV": 2},

@@ -42,6 +42,7 @@ from kernels.triton_impl.attention_decode import (
     _merge_head,
     _split_range,
     _store_partial,
+    zeroed_counters,
 )
 from kernels.triton_impl.pdl import pdl_launch, pdl_wait
 from kernels.triton_impl.rms_norm import add_residual, rms_apply, rms_rstd
@@ -315,15 +316,9 @@ SYNC_SLOTS = 32  # one 128-byte line: the barrier alone on it
 
 
 def sync_buffer(device: torch.device) -> torch.Tensor | None:
-    """The per-device barrier and merge counters, zero between launches. None inside a CUDA
-    graph capture before an eager call made it (a buffer made there is zeroed only when the
-    graph replays); the caller then takes the unfused path."""
-    buf = _SYNC.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _SYNC[device] = torch.zeros(SYNC_SLOTS, dtype=torch.int32, device=device)
-    return buf
+    """The per-device grid-barrier counter (see ``zeroed_counters``: None means take the
+    chain of separate kernels)."""
+    return zeroed_counters(_SYNC, device, SYNC_SLOTS)
 
 
 def _sms(device: torch.device) -> int:

@@ -337,16 +337,24 @@ def default_num_splits(
     return max(1, min(by_occupancy, by_length, 32))
 
 
-def _counters(device: torch.device) -> torch.Tensor | None:
-    """Per-(sequence, kv head) arrival counters, zero between launches (each launch resets
-    its own). None inside a CUDA-graph capture before the first eager call has made them: a
-    buffer allocated there would be zero-filled only when the graph replays."""
-    buf = _COUNTERS.get(device)
+def zeroed_counters(
+    store: dict[torch.device, torch.Tensor], device: torch.device, n: int
+) -> torch.Tensor | None:
+    """``store``'s int32 counters for ``device`` (``n`` of them, made zero once; every launch
+    that uses them leaves them zero). None inside a CUDA-graph capture before an eager call
+    has made them: a buffer allocated there would be zero-filled only when the graph
+    replays, so the caller takes a path without counters."""
+    buf = store.get(device)
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = _COUNTERS[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+        buf = store[device] = torch.zeros(n, dtype=torch.int32, device=device)
     return buf
+
+
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """Per-(sequence, kv head) arrival counters of the fused merge."""
+    return zeroed_counters(_COUNTERS, device, COUNTER_SLOTS)
 
 
 def paged_attention_decode(
