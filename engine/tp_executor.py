@@ -39,6 +39,7 @@ import torch
 from engine.config import ModelConfig
 from engine.layers.attention import KVCache
 from engine.model_runner import ModelRunner, StepSequence
+from engine.orphans import die_with_parent
 from engine.parallel import TensorParallelError, TPInfo, kv_heads_of_rank
 
 log = logging.getLogger("tandem.tp")
@@ -366,7 +367,7 @@ def worker_main(pipe: Connection) -> None:
     """Rank N: join the group, load this rank's slice, run steps until told or orphaned."""
     from engine import tp_wire as wire  # msgspec: only tensor-parallel engines need it
 
-    _die_with_parent()
+    die_with_parent()
     spec, _ = wire.decode(pipe.recv_bytes())
     assert isinstance(spec, wire.Spec), spec
     import torch.distributed as dist
@@ -410,17 +411,6 @@ def worker_main(pipe: Connection) -> None:
             rank.step(StepCommand(seqs, msg.hook, msg.export_blocks, imports), None)
     with contextlib.suppress(Exception):
         group.shutdown()
-
-
-def _die_with_parent() -> None:
-    """SIGTERM this worker when the engine's process dies (Linux)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 if __name__ == "__main__":

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -29,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from engine.llm_engine import EngineArgs
+from engine.orphans import die_with_parent
 
 log = logging.getLogger("tandem.launch")
 
 STARTUP_TIMEOUT_S = 600.0
 STOP_GRACE_S = 15.0
-_PR_SET_PDEATHSIG = 1
 
 
 def engine_args(args: argparse.Namespace, device: str, dtype: str) -> EngineArgs:
@@ -89,15 +87,26 @@ def disaggregation_blocker(model_path: Path, device: str, tp: int = 1) -> str | 
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all n sockets are bound at once, so no port comes back twice
+    (one at a time, the kernel may hand the same free port out again)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+ROLE_SERVICES = {
+    "prefill": "tandem.v1.Prefill",
+    "decode": "tandem.v1.Decode",
+    "vision": "tandem.v1.VisionEncoder",
+}
+"""The gRPC service each child serves: startup waits for that service's health, so another
+server on the port is never taken for it."""
 
 
 class Children:
@@ -109,7 +118,7 @@ class Children:
     def start(self, name: str, argv: list[str]) -> None:
         cmd = [sys.executable, "-m", "tandem.cli", *argv]
         log.info("starting %s: %s", name, " ".join(cmd))
-        self.procs[name] = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+        self.procs[name] = subprocess.Popen(cmd, preexec_fn=die_with_parent)
 
     def dead(self) -> list[str]:
         return [f"{n} (exit {p.returncode})" for n, p in self.procs.items() if p.poll() is not None]
@@ -136,7 +145,7 @@ class Children:
                 if dead := self.dead():
                     raise RuntimeError(f"a service exited during startup: {', '.join(dead)}")
                 try:
-                    await wait_for_health(target, 2.0)
+                    await wait_for_health(target, 2.0, ROLE_SERVICES.get(name, ""))
                     break
                 except TimeoutError:
                     if time.monotonic() > deadline:
@@ -171,11 +180,8 @@ def serve_disaggregated(
     """Start vision (optional), prefill and decode; serve the gateway until stopped."""
     from tandem.grpc_backend import GrpcBackend, GrpcBackendConfig
 
-    ports = {
-        "prefill": args.prefill_port or free_port(),
-        "decode": args.decode_port or free_port(),
-        "vision": args.vision_port or free_port(),
-    }
+    auto = iter(free_ports(3))
+    ports = {role: getattr(args, f"{role}_port") or next(auto) for role in ROLE_SERVICES}
     use_vision = not args.no_vision_service and _vision_available()
     tp = args.tensor_parallel_size  # decode gets its own GPUs when there are enough
     decode_device = f"cuda:{tp}" if device == "cuda" and _num_gpus() >= 2 * tp else device

@@ -192,14 +192,17 @@ class ServiceProcess:
         return 1 if died else 0
 
 
-async def wait_for_health(target: str, timeout_s: float) -> None:
-    """Block until `target` answers SERVING (for orchestration and tests)."""
+async def wait_for_health(target: str, timeout_s: float, service: str = "") -> None:
+    """Block until `target` answers SERVING for `service` ("" = the server as a whole), for
+    orchestration and tests. Naming the service tells a server of another kind that happens
+    to listen on the port (NOT_FOUND) from the one expected."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     async with grpc.aio.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                request = health_pb2.HealthCheckRequest(service=service)
+                reply = await stub.Check(request, timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
                     return
             except grpc.aio.AioRpcError:

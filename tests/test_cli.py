@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from PIL import Image
 
 from tandem.cli import build_parser, main
+from tandem.launch import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,17 +99,6 @@ def test_help_explains_ports(capsys: pytest.CaptureFixture[str]) -> None:
 # -- a real `tandem serve` process --------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class Served:
     def __init__(self, proc: subprocess.Popen[str], port: int, metrics_port: int) -> None:
         self.proc, self.port, self.metrics_port = proc, port, metrics_port
@@ -127,7 +116,7 @@ def served() -> Iterator[Served]:
 
 
 def _serve(*extra: str) -> Iterator[Served]:
-    port, worker_port, cache_port, grpc_port = _free_ports(4)
+    port, worker_port, cache_port, grpc_port = free_ports(4)
     # FastDeploy's guide passes the same port to --cache-queue-port and --metrics-port.
     cmd = [
         sys.executable, "-m", "tandem.cli", "serve", "--host", "127.0.0.1",

@@ -6,7 +6,8 @@ Workers are *spawned* (never forked: the parent has torch and gRPC threads) and 
 first miss, so a service that answers from its cache never starts them. Work in flight is
 bounded: beyond `max_pending` items a call fails at once with `PoolBusyError` (UNAVAILABLE,
 retriable) instead of queueing without limit. A worker that dies (e.g. killed for memory)
-breaks the executor; the pool then replaces it for the next call.
+breaks the executor; the pool then replaces it for the next call. A worker exits by itself
+once the service's process is gone (killed, say), so none is left orphaned.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
+from engine.orphans import exit_when_orphaned
 from vision_svc.processing import MediaProcessor, ProcessedMedia
 
 log = logging.getLogger("tandem.vision.pool")
@@ -91,7 +94,10 @@ class PreprocessPool:
             if self._executor is None:
                 log.info("starting %d preprocessing worker process(es)", self.num_workers)
                 self._executor = ProcessPoolExecutor(
-                    self.num_workers, mp_context=multiprocessing.get_context("spawn")
+                    self.num_workers,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=exit_when_orphaned,  # a killed service leaves no workers
+                    initargs=(os.getpid(),),
                 )
             return self._executor
 

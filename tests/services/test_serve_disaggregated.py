@@ -19,8 +19,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from tandem.launch import free_ports
 from tandem.v1 import engine_pb2, engine_pb2_grpc
-from tests.services.conftest import ROOT, free_port
+from tests.services.conftest import ROOT
 
 
 class Serve:
@@ -42,12 +43,12 @@ class Serve:
 
 
 def _start(tmp: Path, *extra: str) -> Serve:
-    port = free_port()
-    grpc_ports = {n: free_port() for n in ("prefill", "decode", "vision")}
+    port, gateway_grpc, *role_ports = free_ports(5)  # distinct: bound all at once
+    grpc_ports = dict(zip(("prefill", "decode", "vision"), role_ports, strict=True))
     log = tmp / f"serve-{port}.log"
     cmd = [
         sys.executable, "-m", "tandem.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "1024", "--max-num-seqs", "4", "--grpc-port", str(free_port()),
+        "--max-model-len", "1024", "--max-num-seqs", "4", "--grpc-port", str(gateway_grpc),
         "--prefill-port", str(grpc_ports["prefill"]), "--decode-port", str(grpc_ports["decode"]),
         "--vision-port", str(grpc_ports["vision"]), *extra,
     ]  # fmt: skip

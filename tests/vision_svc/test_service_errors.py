@@ -93,3 +93,50 @@ def test_pool_rejects_bad_sizes() -> None:
         PreprocessPool(MediaProcessor(), num_workers=0)
     with pytest.raises(ValueError, match="max_pending"):
         PreprocessPool(MediaProcessor(), max_pending=0)
+
+
+_ORPHAN_PARENT = """
+import asyncio, os, sys, time
+from tests.vision_svc.service_helpers import noise_png
+from vision_svc.pool import PreprocessPool
+from vision_svc.processing import MediaProcessor
+
+pool = PreprocessPool(MediaProcessor(), num_workers=1)
+asyncio.run(pool.process("image", noise_png(56, 56)))
+print(" ".join(str(p) for p in pool._executor._processes), flush=True)
+time.sleep(600)
+"""
+
+
+def test_pool_workers_exit_when_the_service_is_killed() -> None:
+    """A SIGKILLed service (no shutdown runs) leaves no preprocessing worker behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_PARENT], stdout=subprocess.PIPE, text=True, env=env, cwd=root
+    )
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) == 1 and all(Path(f"/proc/{p}").exists() for p in workers)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in workers), "preprocessing workers outlived the service"
