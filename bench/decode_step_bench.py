@@ -87,9 +87,19 @@ _MIN_KEYS = "kernels.triton_impl.attention_decode:MIN_KEYS_PER_PROGRAM"
 _ROUTE = "kernels.triton_impl.moe_routing:NORM_ROUTE_TILES"
 _PRE = "kernels._dispatch:PDL_PRELOAD"
 _BLOCK = "kernels.attention_block:FUSED"
+_UP_PDL = "kernels.triton_impl.gemv:UP_PDL_BESIDE"
+_GATED = "kernels.gemv:GATED_FUSED"
+_LATE = "kernels.triton_impl.moe_routing:LATE_LAUNCH"
 _AB = "kernels.triton_impl.attention_block:"
 
-_BEFORE = {_QKV: False, _NORM_ROUTE: False, _SIDE: False, _GEMV: _old_gemv, _PRE: False}
+_BEFORE = {
+    _QKV: False,
+    _NORM_ROUTE: False,
+    _SIDE: False,
+    _GEMV: _old_gemv,
+    _PRE: False,
+    _GATED: False,
+}
 """Session 3's decode changes undone (PDL aside)."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -108,6 +118,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "-norm-route": {_NORM_ROUTE: False},
     "-side-stream": {_SIDE: False},
     "-preload": {_PRE: False},
+    "preload3": {_PRE: 3},  # more weight chunks read before the PDL wait
+    "preload4": {_PRE: 4},
+    "down-pre1": _moe(down_preload=1),  # the MoE down launch's first expert(s), before its wait
+    "down-pre2": _moe(down_preload=2),
+    "preload3-down2": {_PRE: 3, **_moe(down_preload=2)},
+    "up-pdl": {_UP_PDL: True},  # the up launch resident under PDL beside the side stream
+    "-gated": {_GATED: False},  # silu_and_mul as its own launch before the down GEMV
+    "preload1": {_PRE: 1},
+    # the up launch under PDL again, let in by the router only once its logits are out
+    "up-pdl-router-late": {_UP_PDL: True, _LATE: True},
+    "up-pdl-router-late-down1": {_UP_PDL: True, _LATE: True, **_moe(down_preload=1)},
     "+fused-merge": {_MERGE: True},
     "norm-route-8w": {"kernels.triton_impl.moe_routing:NORM_ROUTE_WARPS": 8},
     "keys64": {_MIN_KEYS: 64},

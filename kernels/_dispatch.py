@@ -73,9 +73,19 @@ On by default on Hopper and newer; ``TANDEM_PDL=0`` turns it off (benchmarks fli
 between captures to compare)."""
 
 
-PDL_PRELOAD = os.environ.get("TANDEM_PDL_PRELOAD", "1") != "0"
-"""Under PDL, the decode GEMVs and the router read their first weight chunk before waiting on
-the kernel before them (weights are never written during a step)."""
+PDL_PRELOAD = int(os.environ.get("TANDEM_PDL_PRELOAD", "2"))
+"""Under PDL, the decode GEMVs and the router read their first ``PDL_PRELOAD`` weight chunks
+(0-4; 0 = none) before waiting on the kernel before them (weights are never written during a
+step). A bool works too (benchmarks flip this global between captures)."""
+
+PRELOAD_MAX_CHUNKS = 4
+"""Chunks a kernel holds in registers before the wait (the kernels unroll this many)."""
+
+
+def preload_chunks(k: int, block_k: int, cap: int | None = None) -> int:
+    """Weight chunks of ``block_k`` (of ``k`` columns) a kernel reads before its PDL wait."""
+    n = min(int(PDL_PRELOAD), PRELOAD_MAX_CHUNKS, -(-k // block_k))
+    return n if cap is None else min(n, cap)
 
 
 @functools.cache

@@ -20,6 +20,9 @@ GEMV_MAX_M = 1
 QKV_ROPE_FUSED = True
 """``qkv_rope_linear`` runs the projection, rotary and cache write in one launch where the GEMV
 runs (read at trace time, like the switches above; benchmarks flip it between captures)."""
+GATED_FUSED = True
+"""``gated_linear`` computes ``silu(gate) * up`` inside the GEMV (one launch fewer in each
+gated MLP: the dense layer's and the shared experts'; bit-identical)."""
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, impl: Impl = None) -> bool:
@@ -41,6 +44,24 @@ def linear(
     from kernels.triton_impl.gemv import gemv_triton
 
     return gemv_triton(x, weight, bias)
+
+
+def gated_linear(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    impl: Impl = None,
+) -> torch.Tensor:
+    """``F.linear(silu_and_mul(gate_up), weight, bias)``; gate_up ``[M, 2K]`` = [gate | up],
+    weight ``[N, K]``. Where the GEMV runs (and ``GATED_FUSED`` or an explicit ``impl``), one
+    launch with the same values: the product is rounded as ``silu_and_mul`` rounds it."""
+    from kernels.activation import silu_and_mul
+
+    if (GATED_FUSED or impl is not None) and use_gemv(gate_up, weight, impl):
+        from kernels.triton_impl.gemv import gemv_triton
+
+        return gemv_triton(gate_up, weight, bias, gated=True)
+    return linear(silu_and_mul(gate_up, impl=impl), weight, bias, impl)
 
 
 def qkv_rope_linear(

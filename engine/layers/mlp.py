@@ -8,6 +8,7 @@ from torch import nn
 from engine.layers.linear import Linear, MergedLinear
 from engine.parallel import current_tp, even_shard
 from kernels.activation import silu_and_mul
+from kernels.gemv import gated_linear
 
 
 class GatedMLP(nn.Module):
@@ -33,5 +34,11 @@ class GatedMLP(nn.Module):
         self.reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))  # one launch on GPU
+        gate_up = self.gate_up_proj(x)
+        down = self.down_proj
+        if type(down) is Linear and gate_up.is_cuda and gate_up.dim() == 2:
+            # decode: silu(gate) * up inside the down GEMV (kernels.gemv.GATED_FUSED)
+            out = gated_linear(gate_up, down.weight, down.bias)
+        else:  # a quantized down projection keeps its own forward
+            out = down(silu_and_mul(gate_up))  # one launch on GPU
         return self.tp.all_reduce(out) if self.reduce else out

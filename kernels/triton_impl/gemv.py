@@ -27,6 +27,7 @@ class GemvTiles:
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    preload: int | None = None  # cap on _dispatch.PDL_PRELOAD (weight chunks before the wait)
 
 
 # (M, N, K) -> tiles, measured on an H100 (bench/gpu_bench.py --decode-ab); else the heuristic
@@ -41,7 +42,37 @@ def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
     2.95 TB/s vs cuBLAS 195.2)."""
     if n <= 4096:
         return GemvTiles(2, min(1024, next_pow2(k)), 4, 3)
-    return GemvTiles(8, min(512, next_pow2(k)), 4, 3)
+    # many waves (the LM head: 12.9k programs): only the first wave gains from reading before
+    # the wait, and each chunk held costs every wave occupancy (8 x 512: 80 -> 123 registers
+    # at 3 chunks)
+    return GemvTiles(8, min(512, next_pow2(k)), 4, 3, preload=1)
+
+
+@triton.jit
+def _w_chunk(w_rows, k0, mask_n, K, BLOCK_K: tl.constexpr):
+    # [BLOCK_N, BLOCK_K] weight columns [k0, k0 + BLOCK_K) of this program's rows
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask = mask_n[:, None] & (offs_k < K)[None, :]
+    return tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _fma_chunk(
+    acc3, w, x_ptr, k0, offs_m, mask_m, K, stride_xm, BLOCK_K: tl.constexpr, GATED: tl.constexpr
+):
+    # acc3 [M_PAD, BLOCK_N, BLOCK_K] += x[:, k0:k0 + BLOCK_K] * w, in fp32. GATED: x is
+    # [gate | up] (K columns each) and the input is silu(gate) * up, rounded as
+    # kernels.triton_impl.activation's silu_and_mul rounds it
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    mask = mask_m[:, None] & (offs_k < K)[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)  # [M_PAD, BLOCK_K]
+    if GATED:
+        up = tl.load(ptrs + K, mask=mask, other=0.0)
+        g = x.to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+        x = (act * up.to(tl.float32)).to(x.dtype)
+    return acc3 + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
 
 
 @triton.jit
@@ -62,37 +93,37 @@ def _gemv_acc(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     # fp32 [M_PAD, BLOCK_N]: sum_k x[m, k] * w[n, k] (+ b[n]) for this program's rows of w.
-    # Waits on the previous kernel (PDL) itself: with PRELOAD the first weight chunk is read
-    # before the wait (same products, same order: bit-identical).
+    # Waits on the previous kernel (PDL) itself: the first PRELOAD (0-4) weight chunks are
+    # read before the wait (same products, same order: bit-identical).
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    start = 0
-    if PRELOAD:
-        offs_k = tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        pdl_wait(PDL)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
+    if PRELOAD >= 1:
+        w0 = _w_chunk(w_rows, 0, mask_n, K, BLOCK_K)
+    if PRELOAD >= 2:
+        w1 = _w_chunk(w_rows, BLOCK_K, mask_n, K, BLOCK_K)
+    if PRELOAD >= 3:
+        w2 = _w_chunk(w_rows, 2 * BLOCK_K, mask_n, K, BLOCK_K)
+    if PRELOAD >= 4:
+        w3 = _w_chunk(w_rows, 3 * BLOCK_K, mask_n, K, BLOCK_K)
+    pdl_wait(PDL)
+    if PRELOAD >= 1:
+        acc3 = _fma_chunk(acc3, w0, x_ptr, 0, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED)
+    if PRELOAD >= 2:
+        acc3 = _fma_chunk(acc3, w1, x_ptr, BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED)
+    if PRELOAD >= 3:
+        acc3 = _fma_chunk(
+            acc3, w2, x_ptr, 2 * BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED
         )
-        acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        start = BLOCK_K
-    else:
-        pdl_wait(PDL)
-    for k0 in range(start, K, BLOCK_K):  # reduced once, at the end
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-            mask=mask_m[:, None] & mask_k[None, :],
-            other=0.0,
-        )  # [M_PAD, BLOCK_K]
-        acc3 += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if PRELOAD >= 4:
+        acc3 = _fma_chunk(
+            acc3, w3, x_ptr, 3 * BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED
+        )
+    for k0 in range(PRELOAD * BLOCK_K, K, BLOCK_K):  # reduced once, at the end
+        w = _w_chunk(w_rows, k0, mask_n, K, BLOCK_K)
+        acc3 = _fma_chunk(acc3, w, x_ptr, k0, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED)
     acc = tl.sum(acc3, axis=2)  # [M_PAD, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -117,8 +148,10 @@ def _gemv_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
+    GATED: tl.constexpr,
 ):
     # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]); one program = BLOCK_N rows of w, all M rows.
+    # GATED: x is [gate | up] and the input silu(gate) * up (K columns).
     pdl_launch(PDL)  # the wait is in _gemv_acc
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -126,7 +159,7 @@ def _gemv_kernel(
     mask_m = offs_m < M
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
-        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, GATED,
     )  # fmt: skip
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -172,7 +205,7 @@ def _qkv_rope_kernel(
     mask_m = offs_m < M
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
-        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, False,
     )  # fmt: skip
     y = acc.to(y_ptr.dtype.element_ty)  # rounded as the linear's output is, then rotated
     half: tl.constexpr = BLOCK_N // 2
@@ -207,12 +240,16 @@ def gemv_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     tiles: GemvTiles | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for x ``[M, K]`` with small M; weight ``[N, K]``."""
+    """``F.linear(x, weight, bias)`` for x ``[M, K]`` with small M; weight ``[N, K]``.
+    ``gated``: x is ``[M, 2K]`` = [gate | up] and the input is ``silu_and_mul(x)``."""
     # M rows, K in, N out
     m, k = x.shape
+    k = k // 2 if gated else k
     n, k_w = weight.shape
-    assert k_w == k and 1 <= m <= 8, (x.shape, weight.shape)
+    assert k_w == k and x.shape[1] == (2 * k if gated else k), (x.shape, weight.shape)
+    assert 1 <= m <= 8, x.shape
     assert x.stride(1) == 1 and weight.stride(1) == 1, (x.stride(), weight.stride())
     assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
     if bias is not None:
@@ -236,7 +273,8 @@ def gemv_triton(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         PDL=pdl,
-        PRELOAD=_dispatch.PDL_PRELOAD,
+        PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload),
+        GATED=gated,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
@@ -290,7 +328,7 @@ def qkv_rope_triton(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         PDL=pdl,
-        PRELOAD=_dispatch.PDL_PRELOAD,
+        PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
@@ -310,6 +348,10 @@ class MoeDecodeTiles:
     down_block_k: int = 512
     num_warps: int = 2
     num_stages: int = 3
+    # under PDL, the down launch reads the first K chunk of its first `down_preload` (0-2)
+    # routed experts before waiting on the up launch; the up launch then lets it be scheduled
+    # only after its own wait (so the router's expert ids are complete when they are read)
+    down_preload: int = 0
 
 
 # 28B shapes, H100 (bench/RESULTS.md, 2026-11-25 session 2): 2 warps beat 4 at T=1/2/4
@@ -317,6 +359,13 @@ class MoeDecodeTiles:
 # Full decode step, graph replay: b1 3.76 -> 3.61 ms (same logits); b2 -0.28, b4 -0.10 ms
 # with DECODE_MAX_TOKENS = 4 (4 warps there would cost +0.17 / +0.40 ms).
 MOE_DECODE_TILES = MoeDecodeTiles()
+
+UP_PDL_BESIDE = False
+"""With ``add`` being computed on a side stream (``add_stream``: the shared experts), the up
+launch is launched plainly, after the router ends. Under PDL (True) its ~10 programs a SM sit
+resident, waiting on the router, and take the SM slots the side stream's kernels (forked at
+the router's start) need: the shared experts then ran after the up launch instead of beside
+the router. H200, b1 replay: -0.114 ms plain (bench/RESULTS.md, 2026-12-03)."""
 
 
 @triton.jit
@@ -342,11 +391,18 @@ def _moe_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    LAUNCH_AFTER_WAIT: tl.constexpr,
 ):
     # h[r] = silu(w13[e][:I] @ x[t]) * (w13[e][I:] @ x[t]), r = t * TOPK + j, e = ids[r];
     # the first n_shared programs do the same for the shared experts' [gate; up] rows
     # (intermediate IS) into hs[t]. 1-D grid: (row, column block) pairs.
-    pdl_enter(PDL)
+    # LAUNCH_AFTER_WAIT: the down launch reads expert ids before its own wait, so it may be
+    # scheduled only once every program here has seen the router complete.
+    if LAUNCH_AFTER_WAIT:
+        pdl_wait(PDL)
+        pdl_launch(PDL)
+    else:
+        pdl_enter(PDL)
     pid = tl.program_id(0)
     if HAS_SHARED and pid < n_shared:
         t = pid // NB_S
@@ -389,16 +445,41 @@ def _moe_up_kernel(
 
 
 @triton.jit
-def _dot_rows(rows, h_row, K, mask_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # fp32 [BLOCK_N]: weight rows (pointers [BLOCK_N, 1], K contiguous columns) dot h[:K]
+def _dot_rows(
+    rows, h_row, K, mask_n, w_first, FIRST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # fp32 [BLOCK_N]: weight rows (pointers [BLOCK_N, 1], K contiguous columns) dot h[:K];
+    # FIRST: w_first is the first chunk of the rows, already read (same products, same order)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if FIRST:
+        offs_k = tl.arange(0, BLOCK_K)
+        hk = tl.load(h_row + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        acc += w_first.to(tl.float32) * hk[None, :]
+    for k0 in range(BLOCK_K if FIRST else 0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         hk = tl.load(h_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         w = tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc += w.to(tl.float32) * hk[None, :]
     return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _expert_rows(w_ptr, ids_ptr, r, offs_n, stride_we, stride_wn, EARLY: tl.constexpr):
+    # [BLOCK_N, 1] pointers to rows offs_n of expert ids[r]; EARLY: read before the PDL wait
+    # (the ids are complete, see LAUNCH_AFTER_WAIT; .cg: from the L2, not a stale L1 line)
+    if EARLY:
+        e = tl.load(ids_ptr + r, cache_modifier=".cg").to(tl.int64)
+    else:
+        e = tl.load(ids_ptr + r).to(tl.int64)
+    return w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
+
+
+@triton.jit
+def _first_chunk(rows, mask_n, K, BLOCK_K: tl.constexpr):
+    offs_k = tl.arange(0, BLOCK_K)
+    return tl.load(rows + offs_k[None, :], mask=mask_n[:, None] & (offs_k < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -423,24 +504,37 @@ def _moe_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
+    PRELOAD: tl.constexpr,
 ):
     # out[t] = round(sum_j wt[t, j] * round(w2[e_j] @ h[t * TOPK + j])) (+ add[t], rounded),
-    # the add being the shared experts' round(ws2 @ hs[t]) when HAS_SHARED
-    pdl_enter(PDL)
+    # the add being the shared experts' round(ws2 @ hs[t]) when HAS_SHARED. PRELOAD (0-2):
+    # the first K chunk of experts j < PRELOAD is read before the wait on the up launch.
+    pdl_launch(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < D
+    if PRELOAD >= 1:
+        rows0 = _expert_rows(w_ptr, ids_ptr, t * TOPK, offs_n, stride_we, stride_wn, True)
+        w0 = _first_chunk(rows0, mask_n, I, BLOCK_K)
+    if PRELOAD >= 2:
+        rows1 = _expert_rows(w_ptr, ids_ptr, t * TOPK + 1, offs_n, stride_we, stride_wn, True)
+        w1 = _first_chunk(rows1, mask_n, I, BLOCK_K)
+    pdl_wait(PDL)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in tl.static_range(TOPK):
         r = t * TOPK + j
-        e = tl.load(ids_ptr + r).to(tl.int64)
-        rows = w_ptr + e * stride_we + offs_n.to(tl.int64)[:, None] * stride_wn
-        y = _dot_rows(rows, h_ptr + r * I, I, mask_n, BLOCK_N, BLOCK_K)
+        if PRELOAD >= 1 and j == 0:
+            y = _dot_rows(rows0, h_ptr + r * I, I, mask_n, w0, True, BLOCK_N, BLOCK_K)
+        elif PRELOAD >= 2 and j == 1:
+            y = _dot_rows(rows1, h_ptr + r * I, I, mask_n, w1, True, BLOCK_N, BLOCK_K)
+        else:
+            rows = _expert_rows(w_ptr, ids_ptr, r, offs_n, stride_we, stride_wn, False)
+            y = _dot_rows(rows, h_ptr + r * I, I, mask_n, rows, False, BLOCK_N, BLOCK_K)
         total += y.to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + r)
     out = total.to(out_ptr.dtype.element_ty)
     if HAS_SHARED:
         rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_wsn
-        shared = _dot_rows(rows, hs_ptr + t * IS, IS, mask_n, BLOCK_N, BLOCK_K)
+        shared = _dot_rows(rows, hs_ptr + t * IS, IS, mask_n, rows, False, BLOCK_N, BLOCK_K)
         shared = shared.to(out_ptr.dtype.element_ty)  # the shared MLP's output, rounded
         out = (out.to(tl.float32) + shared.to(tl.float32)).to(out_ptr.dtype.element_ty)
     elif HAS_ADD:  # rounded like the unfused `moe_out + shared_out`
@@ -499,6 +593,8 @@ def fused_moe_decode(
     n_shared = t * nb_s if shared is not None else 0
     ws13, ws2 = shared if shared is not None else (w13, w2)  # placeholders when unused
     pdl = use_pdl(x)
+    down_preload = min(tiles.down_preload, top_k, 2)  # without PDL: plain stream order
+    pdl_up = pdl and (add_stream is None or UP_PDL_BESIDE)
     _moe_up_kernel[(n_shared + t * top_k * nb_i,)](
         x,
         w13,
@@ -521,9 +617,10 @@ def fused_moe_decode(
         BLOCK_N=tiles.up_block_n,
         BLOCK_K=tiles.up_block_k,
         PDL=pdl,
+        LAUNCH_AFTER_WAIT=down_preload > 0,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        launch_pdl=pdl,
+        launch_pdl=pdl_up,
     )
     if add_stream is not None:
         torch.cuda.current_stream(x.device).wait_stream(add_stream)
@@ -548,6 +645,7 @@ def fused_moe_decode(
         BLOCK_N=tiles.down_block_n,
         BLOCK_K=tiles.down_block_k,
         PDL=pdl,
+        PRELOAD=down_preload,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,

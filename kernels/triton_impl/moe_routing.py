@@ -141,6 +141,31 @@ def _router_input(
 
 
 @triton.jit
+def _router_chunk(w_ptr, offs_e, mask_e, d0, D, BLOCK_D: tl.constexpr):
+    # fp32 [E_PER, BLOCK_D]: router columns [d0, d0 + BLOCK_D) of experts offs_e
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    return tl.load(
+        w_ptr + offs_e[:, None] * D + offs_d[None, :],
+        mask=mask_e[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    ).to(tl.float32)
+
+
+@triton.jit
+def _router_fma(
+    acc, w, x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, d0, D, rstd,
+    NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # acc [E_PER, BLOCK_D] += w * (the router input's columns [d0, d0 + BLOCK_D))
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    xv = _router_input(
+        x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, offs_d, offs_d < D, rstd,
+        NORM, HAS_RESIDUAL,
+    )  # fmt: skip
+    return acc + w * xv[None, :]
+
+
+@triton.jit
 def _gate_route_kernel(
     x_ptr,
     w_ptr,
@@ -171,6 +196,7 @@ def _gate_route_kernel(
     BLOCK_N: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
+    LATE_LAUNCH: tl.constexpr,
 ):
     # Grid (T, NPROG): program (t, c) computes the fp32 logits of experts
     # [c*E_PER, (c+1)*E_PER) for token t from the bf16/fp32 hidden row (upcast in registers,
@@ -184,22 +210,26 @@ def _gate_route_kernel(
     # normalises each chunk it reads; program c == 0 also stores the normalised row and the
     # residual sum for the expert kernels and the next layer.
     #
-    # PRELOAD: the first BLOCK_D columns of this program's router rows are read before the
-    # wait on the previous kernel (weights are never written during a step); same products
-    # in the same order.
-    pdl_launch(PDL)
+    # PRELOAD (0-4): the first PRELOAD BLOCK_D-column chunks of this program's router rows
+    # are read before the wait on the previous kernel (weights are never written during a
+    # step); same products in the same order.
+    #
+    # LATE_LAUNCH: the next kernel is let in only once this program's logits are published,
+    # not at its start, so its programs do not take SM slots (waiting) while this one runs.
+    if not LATE_LAUNCH:
+        pdl_launch(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     offs_e = c * E_PER + tl.arange(0, E_PER)
     mask_e = offs_e < E
-    w_first = tl.zeros([E_PER, BLOCK_D], dtype=tl.float32)
-    if PRELOAD:
-        offs_d = tl.arange(0, BLOCK_D)
-        w_first = tl.load(
-            w_ptr + offs_e[:, None] * D + offs_d[None, :],
-            mask=mask_e[:, None] & (offs_d < D)[None, :],
-            other=0.0,
-        ).to(tl.float32)
+    if PRELOAD >= 1:
+        w0 = _router_chunk(w_ptr, offs_e, mask_e, 0, D, BLOCK_D)
+    if PRELOAD >= 2:
+        w1 = _router_chunk(w_ptr, offs_e, mask_e, BLOCK_D, D, BLOCK_D)
+    if PRELOAD >= 3:
+        w2 = _router_chunk(w_ptr, offs_e, mask_e, 2 * BLOCK_D, D, BLOCK_D)
+    if PRELOAD >= 4:
+        w3 = _router_chunk(w_ptr, offs_e, mask_e, 3 * BLOCK_D, D, BLOCK_D)
     pdl_wait(PDL)
     NORM: tl.constexpr = NORM_D > 0
     rstd = 1.0
@@ -216,41 +246,29 @@ def _gate_route_kernel(
             if HAS_RESIDUAL:
                 tl.store(res_out_ptr + t * NORM_D + offs_n, h, mask=mask_n)
     acc = tl.zeros([E_PER, BLOCK_D], dtype=tl.float32)
-    start = 0
-    if PRELOAD:
-        offs_d = tl.arange(0, BLOCK_D)
-        xv = _router_input(
-            x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, offs_d, offs_d < D, rstd,
-            NORM, HAS_RESIDUAL,
-        )  # fmt: skip
-        acc += w_first * xv[None, :]
-        start = BLOCK_D
-    for d0 in range(start, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        xv = _router_input(
-            x_ptr,
-            res_ptr,
-            nw_ptr,
-            t,
-            stride_xt,
-            stride_rt,
-            offs_d,
-            mask_d,
-            rstd,
-            NORM,
-            HAS_RESIDUAL,
-        )
-        w = tl.load(
-            w_ptr + offs_e[:, None] * D + offs_d[None, :],
-            mask=mask_e[:, None] & mask_d[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += w * xv[None, :]
+    if PRELOAD >= 1:
+        acc = _router_fma(acc, w0, x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, 0, D, rstd,
+                          NORM, HAS_RESIDUAL, BLOCK_D)  # fmt: skip
+    if PRELOAD >= 2:
+        acc = _router_fma(acc, w1, x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, BLOCK_D, D,
+                          rstd, NORM, HAS_RESIDUAL, BLOCK_D)  # fmt: skip
+    if PRELOAD >= 3:
+        acc = _router_fma(acc, w2, x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, 2 * BLOCK_D,
+                          D, rstd, NORM, HAS_RESIDUAL, BLOCK_D)  # fmt: skip
+    if PRELOAD >= 4:
+        acc = _router_fma(acc, w3, x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, 3 * BLOCK_D,
+                          D, rstd, NORM, HAS_RESIDUAL, BLOCK_D)  # fmt: skip
+    for d0 in range(PRELOAD * BLOCK_D, D, BLOCK_D):
+        w = _router_chunk(w_ptr, offs_e, mask_e, d0, D, BLOCK_D)
+        acc = _router_fma(acc, w, x_ptr, res_ptr, nw_ptr, t, stride_xt, stride_rt, d0, D, rstd,
+                          NORM, HAS_RESIDUAL, BLOCK_D)  # fmt: skip
     tl.store(logits_ptr + t * E + offs_e, tl.sum(acc, axis=1), mask=mask_e)
     # every warp's logits stored before the (acq_rel) arrival publishes them
     tl.debug_barrier()
-    if tl.atomic_add(count_ptr + t, 1) == NPROG - 1:
+    last = tl.atomic_add(count_ptr + t, 1) == NPROG - 1
+    if LATE_LAUNCH:
+        pdl_launch(PDL)
+    if last:
         tl.atomic_xchg(count_ptr + t, 0)
         offs = tl.arange(0, BLOCK_E)
         mask = offs < E
@@ -293,6 +311,10 @@ def gate_route_triton(
     )
     return weights, ids
 
+
+LATE_LAUNCH = False
+"""Under PDL the router lets the next launch (the routed experts' up GEMV) be scheduled only
+after its logits are published instead of at its start."""
 
 NORM_ROUTE_TILES = (2, 1024)
 """(experts per program, hidden columns per step) of the fused norm + router launch."""
@@ -401,7 +423,8 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=next_pow2(d) if norm is not None else 1,
         PDL=pdl,
-        PRELOAD=_dispatch.PDL_PRELOAD,
+        PRELOAD=_dispatch.preload_chunks(d, block_d),
+        LATE_LAUNCH=LATE_LAUNCH,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

@@ -71,6 +71,51 @@ def test_moe_decode_matches_ref(t: int, with_add: bool, dtype: torch.dtype) -> N
 
 
 @needs_triton
+@pytest.mark.parametrize(("k_in", "preload"), [(40, 1), (300, 0), (300, 3)])
+def test_gated_linear_is_silu_and_mul_then_linear(monkeypatch, k_in: int, preload: int) -> None:
+    """silu(gate) * up inside the GEMV: the same values as the two launches, bit for bit."""
+    from kernels import _dispatch
+    from kernels.activation import silu_and_mul
+    from kernels.gemv import gated_linear, linear
+    from kernels.triton_impl.gemv import GemvTiles, gemv_triton
+
+    monkeypatch.setattr(_dispatch, "PDL_PRELOAD", preload)
+    gate_up = torch.randn(1, 2 * k_in, dtype=torch.float16) * 3
+    w = (torch.randn(29, k_in) / k_in**0.5).half()
+    b = torch.randn(29).half()
+    two = linear(silu_and_mul(gate_up, impl="triton"), w, b, impl="triton")
+    assert torch.equal(gated_linear(gate_up, w, b, impl="triton"), two)
+    assert torch.equal(gemv_triton(gate_up, w, b, GemvTiles(4, 64, 2), gated=True), two)
+    ref = torch.nn.functional.silu(gate_up[:, :k_in].float()) * gate_up[:, k_in:].float()
+    torch.testing.assert_close(two.float(), ref @ w.float().T + b.float(), rtol=1e-2, atol=1e-2)
+    with pytest.raises(AssertionError):
+        gemv_triton(gate_up[:, :-2], w, b, gated=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("shared", [False, True])
+def test_moe_down_preload_is_bit_identical(shared: bool) -> None:
+    """The down launch reading its first experts' first chunk before the wait: same sums."""
+    from kernels.triton_impl.gemv import MoeDecodeTiles, fused_moe_decode
+
+    e, k, d, i, t = 7, 3, 96, 40, 2  # I = 40: chunks of 16 leave a ragged tail
+    x = torch.randn(t, d, dtype=torch.float16)
+    w13 = (torch.randn(e, 2 * i, d) / d**0.5).half()
+    w2 = (torch.randn(e, d, i) / i**0.5).half()
+    sh = ((torch.randn(48, d) / d**0.5).half(), (torch.randn(d, 24) / 24**0.5).half())
+    sh = sh if shared else ()
+    weights, ids = route(torch.randn(t, e), k)
+    outs = []
+    for p in (0, 1, 2, 5):  # 5: capped at 2
+        tiles = MoeDecodeTiles(16, 32, 8, 16, 2, down_preload=p)
+        outs.append(fused_moe_decode(x, w13, w2, weights, ids, tiles=tiles, shared=sh or None))
+    for got in outs[1:]:
+        assert torch.equal(got, outs[0])
+    if not shared:
+        assert _rel(outs[0], fused_moe_ref(x, w13, w2, weights, ids)) < 2e-3
+
+
+@needs_triton
 @pytest.mark.parametrize(("t", "i_s"), [(1, 24), (3, 56), (4, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_moe_decode_with_shared_experts_in_the_launches(
@@ -176,7 +221,7 @@ def test_qkv_rope_matches_linear_then_rotary(
 @needs_triton
 @pytest.mark.parametrize("k_in", [200, 1024, 3000])
 def test_weight_preload_is_bit_identical(monkeypatch, k_in: int) -> None:
-    """The first weight chunk read before the PDL wait: same products, same order."""
+    """The first 0-4 weight chunks read before the PDL wait: same products, same order."""
     from kernels import _dispatch
     from kernels.moe import gate_route
     from kernels.triton_impl.gemv import GemvTiles, gemv_triton
@@ -185,13 +230,12 @@ def test_weight_preload_is_bit_identical(monkeypatch, k_in: int) -> None:
     w = torch.randn(37, k_in, dtype=torch.float16) / k_in**0.5
     router = torch.randn(12, k_in) / k_in**0.5
     out = {}
-    for preload in (False, True):
+    for preload in range(5):  # 3000 columns are 6 chunks of 512 (the router: 3 of 1024)
         monkeypatch.setattr(_dispatch, "PDL_PRELOAD", preload)
         y = gemv_triton(x, w, None, GemvTiles(4, 512, 2))
         rw, rid = gate_route(x, router, 3, None, impl="triton")
         out[preload] = (y, rw, rid)
-    for a, b in zip(out[False], out[True], strict=True):
-        assert torch.equal(a, b)
-    torch.testing.assert_close(
-        out[True][0].float(), (x.float() @ w.float().T), rtol=2e-3, atol=2e-3
-    )
+    for preload in range(1, 5):
+        for a, b in zip(out[0], out[preload], strict=True):
+            assert torch.equal(a, b), preload
+    torch.testing.assert_close(out[4][0].float(), (x.float() @ w.float().T), rtol=2e-3, atol=2e-3)
