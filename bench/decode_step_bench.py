@@ -122,8 +122,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "preload4": {_PRE: 4},
     "down-pre1": _moe(down_preload=1),  # the MoE down launch's first expert(s), before its wait
     "down-pre2": _moe(down_preload=2),
-    "down-roll": _moe(down_roll=True),  # the next expert's first chunk in flight early
-    "down-roll-pre1": _moe(down_roll=True, down_preload=1),
     "preload3-down2": {_PRE: 3, **_moe(down_preload=2)},
     "up-pdl": {_UP_PDL: True},  # the up launch resident under PDL beside the side stream
     "-gated": {_GATED: False},  # silu_and_mul as its own launch before the down GEMV

@@ -352,9 +352,6 @@ class MoeDecodeTiles:
     # routed experts before waiting on the up launch; the up launch then lets it be scheduled
     # only after its own wait (so the router's expert ids are complete when they are read)
     down_preload: int = 0
-    # the down launch reads expert j + 1's first K chunk before summing expert j (one more
-    # chunk in flight across the expert boundary); caps down_preload at 1
-    down_roll: bool = False
 
 
 # 28B shapes, H100 (bench/RESULTS.md, 2026-11-25 session 2): 2 warps beat 4 at T=1/2/4
@@ -508,7 +505,6 @@ def _moe_down_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
-    ROLL: tl.constexpr,
 ):
     # out[t] = round(sum_j wt[t, j] * round(w2[e_j] @ h[t * TOPK + j])) (+ add[t], rounded),
     # the add being the shared experts' round(ws2 @ hs[t]) when HAS_SHARED. PRELOAD (0-2):
@@ -525,33 +521,16 @@ def _moe_down_kernel(
         w1 = _first_chunk(rows1, mask_n, I, BLOCK_K)
     pdl_wait(PDL)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if ROLL:  # expert j + 1's first chunk is read before expert j's sum (PRELOAD <= 1 here)
-        if PRELOAD == 0:
-            rows0 = _expert_rows(w_ptr, ids_ptr, t * TOPK, offs_n, stride_we, stride_wn, False)
-            w0 = _first_chunk(rows0, mask_n, I, BLOCK_K)
-        rows_c = rows0
-        w_c = w0
-        for j in tl.static_range(TOPK):
-            r = t * TOPK + j
-            if j + 1 < TOPK:
-                rows_n = _expert_rows(w_ptr, ids_ptr, r + 1, offs_n, stride_we, stride_wn, False)
-                w_n = _first_chunk(rows_n, mask_n, I, BLOCK_K)
-            y = _dot_rows(rows_c, h_ptr + r * I, I, mask_n, w_c, True, BLOCK_N, BLOCK_K)
-            total += y.to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + r)
-            if j + 1 < TOPK:
-                rows_c = rows_n
-                w_c = w_n
-    else:
-        for j in tl.static_range(TOPK):
-            r = t * TOPK + j
-            if PRELOAD >= 1 and j == 0:
-                y = _dot_rows(rows0, h_ptr + r * I, I, mask_n, w0, True, BLOCK_N, BLOCK_K)
-            elif PRELOAD >= 2 and j == 1:
-                y = _dot_rows(rows1, h_ptr + r * I, I, mask_n, w1, True, BLOCK_N, BLOCK_K)
-            else:
-                rows = _expert_rows(w_ptr, ids_ptr, r, offs_n, stride_we, stride_wn, False)
-                y = _dot_rows(rows, h_ptr + r * I, I, mask_n, rows, False, BLOCK_N, BLOCK_K)
-            total += y.to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + r)
+    for j in tl.static_range(TOPK):
+        r = t * TOPK + j
+        if PRELOAD >= 1 and j == 0:
+            y = _dot_rows(rows0, h_ptr + r * I, I, mask_n, w0, True, BLOCK_N, BLOCK_K)
+        elif PRELOAD >= 2 and j == 1:
+            y = _dot_rows(rows1, h_ptr + r * I, I, mask_n, w1, True, BLOCK_N, BLOCK_K)
+        else:
+            rows = _expert_rows(w_ptr, ids_ptr, r, offs_n, stride_we, stride_wn, False)
+            y = _dot_rows(rows, h_ptr + r * I, I, mask_n, rows, False, BLOCK_N, BLOCK_K)
+        total += y.to(out_ptr.dtype.element_ty).to(tl.float32) * tl.load(topk_w_ptr + r)
     out = total.to(out_ptr.dtype.element_ty)
     if HAS_SHARED:
         rows = ws_ptr + offs_n.to(tl.int64)[:, None] * stride_wsn
@@ -614,8 +593,7 @@ def fused_moe_decode(
     n_shared = t * nb_s if shared is not None else 0
     ws13, ws2 = shared if shared is not None else (w13, w2)  # placeholders when unused
     pdl = use_pdl(x)
-    # without PDL: plain stream order
-    down_preload = min(tiles.down_preload, top_k, 1 if tiles.down_roll else 2)
+    down_preload = min(tiles.down_preload, top_k, 2)  # without PDL: plain stream order
     pdl_up = pdl and (add_stream is None or UP_PDL_BESIDE)
     _moe_up_kernel[(n_shared + t * top_k * nb_i,)](
         x,
@@ -668,7 +646,6 @@ def fused_moe_decode(
         BLOCK_K=tiles.down_block_k,
         PDL=pdl,
         PRELOAD=down_preload,
-        ROLL=tiles.down_roll,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
