@@ -120,17 +120,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "-preload": {_PRE: False},
     "preload3": {_PRE: 3},  # more weight chunks read before the PDL wait
     "preload4": {_PRE: 4},
-    "down-pre1": _moe(down_preload=1),  # the MoE down launch's first expert(s), before its wait
+    "down-pre0": _moe(down_preload=0),  # the MoE down launch's first expert(s), before its wait
     "down-pre2": _moe(down_preload=2),
     "preload3-down2": {_PRE: 3, **_moe(down_preload=2)},
-    "up-pdl": {_UP_PDL: True},  # the up launch resident under PDL beside the side stream
+    # the up launch plainly after the router (no PDL), then under PDL from the router's start
+    "up-plain": {_UP_PDL: False, _LATE: False, **_moe(down_preload=0)},
+    "up-pdl-early": {_LATE: False, **_moe(down_preload=0)},
     "-gated": {_GATED: False},  # silu_and_mul as its own launch before the down GEMV
     "preload1": {_PRE: 1},
-    # the up launch under PDL again, let in by the router only once its logits are out
-    "up-pdl-router-late": {_UP_PDL: True, _LATE: True},
-    "up-pdl-router-late-down1": {_UP_PDL: True, _LATE: True, **_moe(down_preload=1)},
     "+fused-merge": {_MERGE: True},
     "norm-route-8w": {"kernels.triton_impl.moe_routing:NORM_ROUTE_WARPS": 8},
+    "norm-route-4w": {"kernels.triton_impl.moe_routing:NORM_ROUTE_WARPS": 4},
     "keys64": {_MIN_KEYS: 64},
     "keys128": {_MIN_KEYS: 128},
     "keys256": {_MIN_KEYS: 256},
@@ -142,6 +142,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "moe-bk1024": _moe(up_block_k=1024, down_block_k=1024),
     "moe-1w": _moe(num_warps=1),
     "moe-4stages": _moe(num_stages=4),
+    "down-bk1024": _moe(down_block_k=1024),
+    "down-4w": _moe(down_num_warps=4),
+    "down-bn8-4w": _moe(down_block_n=8, down_num_warps=4),
+    "down-bn1-1w": _moe(down_block_n=1, down_num_warps=1),
+    "down-bn2-1w": _moe(down_block_n=2, down_num_warps=1),
+    "down-bn4-1w": _moe(down_num_warps=1),
     "route-e1": {_ROUTE: (1, 1024)},
     "route-e4": {_ROUTE: (4, 1024)},
     "route-bd512": {_ROUTE: (2, 512)},

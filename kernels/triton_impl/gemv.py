@@ -351,7 +351,8 @@ class MoeDecodeTiles:
     # under PDL, the down launch reads the first K chunk of its first `down_preload` (0-2)
     # routed experts before waiting on the up launch; the up launch then lets it be scheduled
     # only after its own wait (so the router's expert ids are complete when they are read)
-    down_preload: int = 0
+    down_preload: int = 1
+    down_num_warps: int | None = None  # the down launch's warps (None: num_warps)
 
 
 # 28B shapes, H100 (bench/RESULTS.md, 2026-11-25 session 2): 2 warps beat 4 at T=1/2/4
@@ -360,12 +361,13 @@ class MoeDecodeTiles:
 # with DECODE_MAX_TOKENS = 4 (4 warps there would cost +0.17 / +0.40 ms).
 MOE_DECODE_TILES = MoeDecodeTiles()
 
-UP_PDL_BESIDE = False
+UP_PDL_BESIDE = True
 """With ``add`` being computed on a side stream (``add_stream``: the shared experts), the up
-launch is launched plainly, after the router ends. Under PDL (True) its ~10 programs a SM sit
-resident, waiting on the router, and take the SM slots the side stream's kernels (forked at
-the router's start) need: the shared experts then ran after the up launch instead of beside
-the router. H200, b1 replay: -0.114 ms plain (bench/RESULTS.md, 2026-12-03)."""
+launch is still launched under PDL. That pays only because the router lets it in late
+(``moe_routing.LATE_LAUNCH``): resident from the router's start, its ~10 programs a SM took
+the SM slots the side stream's kernels (forked there) need, and the shared experts ran after
+the up launch instead of beside the router. H200, b1 replay (bench/RESULTS.md, 2026-12-03):
+early PDL +0.135 ms against plain; late PDL -0.012 against plain. False: launched plainly."""
 
 
 @triton.jit
@@ -646,7 +648,7 @@ def fused_moe_decode(
         BLOCK_K=tiles.down_block_k,
         PDL=pdl,
         PRELOAD=down_preload,
-        num_warps=tiles.num_warps,
+        num_warps=tiles.down_num_warps or tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
     )

@@ -312,9 +312,10 @@ def gate_route_triton(
     return weights, ids
 
 
-LATE_LAUNCH = False
+LATE_LAUNCH = True
 """Under PDL the router lets the next launch (the routed experts' up GEMV) be scheduled only
-after its logits are published instead of at its start."""
+after its logits are published instead of at its start, so the up launch's programs do not
+sit in the SM slots the side stream's shared experts need while the router runs."""
 
 NORM_ROUTE_TILES = (2, 1024)
 """(experts per program, hidden columns per step) of the fused norm + router launch."""

@@ -17,7 +17,12 @@ competed with the attention and MoE kernels still running.
 
 A kernel may split the two (``pdl_launch`` ... ``pdl_wait``) to read *weights* in between:
 they are never written while a step runs, so their HBM latency overlaps the previous kernel's
-tail (``PDL_PRELOAD``: the decode GEMVs and the router read their first weight chunk there).
+tail (``PDL_PRELOAD``: the decode GEMVs and the router read their first weight chunks there).
+
+A kernel resident under PDL holds its SM slots while it waits. Work forked onto another stream
+at that point (the shared experts beside the router) then finds no slot: the routed up launch,
+~10 programs a SM, is therefore launched plainly when the side stream runs beside it
+(``kernels.triton_impl.gemv.UP_PDL_BESIDE``).
 
 Both instructions are no-ops when the launch did not ask for PDL; the interpreter never takes
 these branches (``PDL`` is false on CPU).
