@@ -30,8 +30,15 @@ class GemvTiles:
     preload: int | None = None  # cap on _dispatch.PDL_PRELOAD (weight chunks before the wait)
 
 
-# (M, N, K) -> tiles, measured on an H100 (bench/gpu_bench.py --decode-ab); else the heuristic
-GEMV_TILES: dict[tuple[int, int, int], GemvTiles] = {}
+# (M, N, K) -> tiles where measured better than the heuristic; else the heuristic. 28B shapes,
+# in the full b1 step on the H200, graph replay (bench/decode_step_bench.py, bench/RESULTS.md,
+# 2026-12-03): qkv 3584 x 2560 at 4 x 512 (896 programs, one wave) -0.072 / -0.078 ms against
+# 2 x 1024 (1792 programs); the shared experts' gate_up 6144 x 2560 at 4 x 512 -0.035 against
+# 8 x 512 (o_proj 2560 x 2560 and the shared down 2560 x 3072 lose at 4 x 512: +0.010 / +0.002)
+GEMV_TILES: dict[tuple[int, int, int], GemvTiles] = {
+    (1, 3584, 2560): GemvTiles(4, 512, 4, 3),
+    (1, 6144, 2560): GemvTiles(4, 512, 4, 3),
+}
 
 
 def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
@@ -344,7 +351,7 @@ def qkv_rope_triton(
 class MoeDecodeTiles:
     up_block_n: int = 4  # intermediate columns per program (gate and up rows each)
     up_block_k: int = 512
-    down_block_n: int = 4  # hidden columns per program
+    down_block_n: int = 2  # hidden columns per program
     down_block_k: int = 512
     num_warps: int = 2
     num_stages: int = 3
@@ -352,7 +359,9 @@ class MoeDecodeTiles:
     # routed experts before waiting on the up launch; the up launch then lets it be scheduled
     # only after its own wait (so the router's expert ids are complete when they are read)
     down_preload: int = 1
-    down_num_warps: int | None = None  # the down launch's warps (None: num_warps)
+    # the down launch's warps (None: num_warps). H200, b1 / b4 replay, 2 columns of 1 warp
+    # against 4 of 2: -0.017 / -0.025, -0.029 / -0.033, -0.019 / -0.026 ms in three calls
+    down_num_warps: int | None = 1
 
 
 # 28B shapes, H100 (bench/RESULTS.md, 2026-11-25 session 2): 2 warps beat 4 at T=1/2/4

@@ -317,8 +317,17 @@ LATE_LAUNCH = True
 after its logits are published instead of at its start, so the up launch's programs do not
 sit in the SM slots the side stream's shared experts need while the router runs."""
 
-NORM_ROUTE_TILES = (2, 1024)
-"""(experts per program, hidden columns per step) of the fused norm + router launch."""
+ROUTER_PRELOAD: int | None = 3
+"""Router weight chunks read before the PDL wait (None: ``_dispatch.PDL_PRELOAD``; at most
+``_dispatch.PRELOAD_MAX_CHUNKS``, and the row's chunks): 3 reads the whole 28B row (2560
+columns) before it, so after the wait the router waits on no DRAM read, which the side
+stream's shared experts make slow then. Same products in the same order."""
+
+NORM_ROUTE_TILES = (4, 1024)
+"""(experts per program, hidden columns per step) of the fused norm + router launch. H200,
+28B b1 / b4 replay (bench/RESULTS.md, 2026-12-03), 4 experts a program reading all 3 chunks
+before the wait against 2 reading 2: -0.040 / -0.012 and -0.043 / -0.019 ms in two calls,
+bit-identical (each expert's sum is the same)."""
 NORM_ROUTE_WARPS: int | None = 8
 """Warps of the fused norm + router launch. H100, 28B b1 step replayed: 8 warps 3.224 ms, 4
 (the norm kernel's count, which makes x bit-identical to ``rms_norm_triton``'s) 3.249, norm
@@ -364,6 +373,12 @@ def norm_gate_route_triton(
         num_warps or NORM_ROUTE_WARPS or NORM_NUM_WARPS,
     )
     return weights, ids, x, res_out
+
+
+def _router_preload(d: int, block_d: int) -> int:
+    if ROUTER_PRELOAD is None:
+        return _dispatch.preload_chunks(d, block_d)
+    return min(ROUTER_PRELOAD, _dispatch.PRELOAD_MAX_CHUNKS, -(-d // block_d))
 
 
 def _launch(
@@ -424,7 +439,7 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=next_pow2(d) if norm is not None else 1,
         PDL=pdl,
-        PRELOAD=_dispatch.preload_chunks(d, block_d),
+        PRELOAD=_router_preload(d, block_d),
         LATE_LAUNCH=LATE_LAUNCH,
         num_warps=num_warps,
         launch_pdl=pdl,

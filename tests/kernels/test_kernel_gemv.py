@@ -224,6 +224,7 @@ def test_weight_preload_is_bit_identical(monkeypatch, k_in: int) -> None:
     """The first 0-4 weight chunks read before the PDL wait: same products, same order."""
     from kernels import _dispatch
     from kernels.moe import gate_route
+    from kernels.triton_impl import moe_routing
     from kernels.triton_impl.gemv import GemvTiles, gemv_triton
 
     x = torch.randn(1, k_in, dtype=torch.float16)
@@ -232,6 +233,7 @@ def test_weight_preload_is_bit_identical(monkeypatch, k_in: int) -> None:
     out = {}
     for preload in range(5):  # 3000 columns are 6 chunks of 512 (the router: 3 of 1024)
         monkeypatch.setattr(_dispatch, "PDL_PRELOAD", preload)
+        monkeypatch.setattr(moe_routing, "ROUTER_PRELOAD", preload)  # the router's own depth
         y = gemv_triton(x, w, None, GemvTiles(4, 512, 2))
         rw, rid = gate_route(x, router, 3, None, impl="triton")
         out[preload] = (y, rw, rid)

@@ -55,6 +55,34 @@ def test_norm_gate_route_kernel_matches_norm_then_route(t, d, dtype, with_residu
         assert not _counters(h.device).any()
 
 
+@needs_triton
+def test_norm_gate_route_tiles_and_preload_are_bit_identical(monkeypatch) -> None:
+    """Experts a program (1, 2, 4, 8) and router chunks read before the wait (0-4, None:
+    the GEMVs' depth) change no product and no order: the same x, weights and ids."""
+    from kernels.triton_impl import moe_routing
+    from kernels.triton_impl.moe_routing import norm_gate_route_triton
+
+    t, d, e, k = 2, 1030, 9, 3  # 1030 columns: chunks of 256 leave a ragged fifth
+    g = torch.Generator().manual_seed(7)
+    h = torch.randn(t, d, generator=g).half()
+    residual = torch.randn(t, d, generator=g).half()
+    norm_w = (1 + 0.1 * torch.randn(d, generator=g)).half()
+    gate_w = torch.randn(e, d, generator=g) * 0.05
+    outs = []
+    for per, pre in ((2, None), (1, 0), (2, 3), (4, 3), (4, 4), (8, 2)):
+        monkeypatch.setattr(moe_routing, "ROUTER_PRELOAD", pre)
+        outs.append(
+            norm_gate_route_triton(h, residual, norm_w, 1e-5, gate_w, k, None, 1e-12, per, 256)
+        )
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0], strict=True):
+            assert torch.equal(a, b)
+    want_x, _ = rms_norm(h, norm_w, 1e-5, residual, impl="triton")
+    want_w, want_ids = gate_route(want_x, gate_w, k, None, impl="torch")
+    assert torch.equal(outs[0][1], want_ids)
+    torch.testing.assert_close(outs[0][0], want_w, atol=1e-5, rtol=1e-5)
+
+
 def _forced_triton(x: torch.Tensor, impl: kmoe.Impl) -> bool:
     return impl != "torch"
 
