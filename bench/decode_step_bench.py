@@ -58,6 +58,8 @@ from engine.model_runner import ModelRunner
 _TILES = "kernels.triton_impl.gemv:MOE_DECODE_TILES"
 _GEMV = "kernels.triton_impl.gemv:GEMV_TILES"
 _QKV_O = ((1, 3584, 2560), (1, 2560, 2560))  # 28B qkv and o_proj at one row
+_SHARED = ((1, 6144, 2560), (1, 2560, 3072))  # 28B shared experts' gate_up and down
+_NEW_TILES = (_QKV_O[0], _SHARED[0])  # GEMV_TILES entries of 2026-12-03
 
 
 def _old_gemv(d: dict) -> dict:  # the tiles before this session, shapes <= 4096 rows
@@ -91,6 +93,7 @@ _UP_PDL = "kernels.triton_impl.gemv:UP_PDL_BESIDE"
 _GATED = "kernels.gemv:GATED_FUSED"
 _LATE = "kernels.triton_impl.moe_routing:LATE_LAUNCH"
 _AB = "kernels.triton_impl.attention_block:"
+_ROUTER_PRE = "kernels.triton_impl.moe_routing:ROUTER_PRELOAD"
 
 _BEFORE = {
     _QKV: False,
@@ -136,26 +139,64 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "keys256": {_MIN_KEYS: 256},
     "moe-up-bn2": _moe(up_block_n=2),
     "moe-up-bn8": _moe(up_block_n=8),
-    "moe-down-bn2": _moe(down_block_n=2),
-    "moe-down-bn8": _moe(down_block_n=8),
+    "moe-down-bn2": _moe(down_block_n=2, down_num_warps=None),
+    "moe-down-bn8": _moe(down_block_n=8, down_num_warps=None),
     "moe-bk256": _moe(up_block_k=256, down_block_k=256),
     "moe-bk1024": _moe(up_block_k=1024, down_block_k=1024),
     "moe-1w": _moe(num_warps=1),
     "moe-4stages": _moe(num_stages=4),
-    "down-bk1024": _moe(down_block_k=1024),
-    "down-4w": _moe(down_num_warps=4),
+    "down-bk1024": _moe(down_block_n=4, down_block_k=1024, down_num_warps=None),
+    "down-4w": _moe(down_block_n=4, down_num_warps=4),
     "down-bn8-4w": _moe(down_block_n=8, down_num_warps=4),
     "down-bn1-1w": _moe(down_block_n=1, down_num_warps=1),
     "down-bn2-1w": _moe(down_block_n=2, down_num_warps=1),
-    "down-bn4-1w": _moe(down_num_warps=1),
-    "route-e1": {_ROUTE: (1, 1024)},
-    "route-e4": {_ROUTE: (4, 1024)},
-    "route-bd512": {_ROUTE: (2, 512)},
-    "qkv-1x1024": _gemv(1, 1024, 4, 3, shapes=_QKV_O[:1]),
+    "down-bn4-2w": _moe(down_block_n=4, down_num_warps=None),
+    "down-bn4-1w": _moe(down_block_n=4, down_num_warps=1),
+    # the defaults before 2026-12-03's tiles (qkv 2 x 1024, shared gate_up 8 x 512 reading one
+    # chunk before its wait, MoE down 4 columns of 2 warps)
+    "tiles-before": {
+        _GEMV: lambda d: {k: v for k, v in d.items() if k not in _NEW_TILES},
+        **_moe(down_block_n=4, down_num_warps=None),
+    },
+    # and with the router as it was too (2 experts a program, 2 chunks before its wait)
+    "before-12-03": {
+        _GEMV: lambda d: {k: v for k, v in d.items() if k not in _NEW_TILES},
+        **_moe(down_block_n=4, down_num_warps=None),
+        _ROUTE: (2, 1024),
+        _ROUTER_PRE: None,
+    },
+    "shup-2x1024": _gemv(2, 1024, 4, 3, shapes=_SHARED[:1]),
+    "shdown-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_SHARED[1:]),
+    "up-1w": _moe(num_warps=1),  # the routed up launch (the down has its own warps)
+    "up-bn2-1w": _moe(up_block_n=2, num_warps=1),
+    "shup-4x512-2w": _gemv(4, 512, 2, 3, shapes=_SHARED[:1]),
+    "route-pre3": {_ROUTE: (2, 1024), _ROUTER_PRE: 3},
+    "route-bd4096": {_ROUTE: (2, 4096), _ROUTER_PRE: None},
+    "route-e4-pre3": {_ROUTE: (4, 1024), _ROUTER_PRE: 3},
+    "route-e4-bd4096": {_ROUTE: (4, 4096), _ROUTER_PRE: None},
+    "route-e1-pre3": {_ROUTE: (1, 1024), _ROUTER_PRE: 3},
+    "route-e1": {_ROUTE: (1, 1024), _ROUTER_PRE: None},
+    "route-e4": {_ROUTE: (4, 1024), _ROUTER_PRE: None},
+    "route-bd512": {_ROUTE: (2, 512), _ROUTER_PRE: None},
     "qkv-2x512": _gemv(2, 512, 4, 3, shapes=_QKV_O[:1]),
     "qkv-4x512": _gemv(4, 512, 4, 3, shapes=_QKV_O[:1]),
     "qkv-2x1024-8w": _gemv(2, 1024, 8, 3, shapes=_QKV_O[:1]),
     "qkv-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_QKV_O[:1]),
+    "qkv-4x512-2w": _gemv(4, 512, 2, 3, shapes=_QKV_O[:1]),
+    "qkv-8x512": _gemv(8, 512, 4, 3, shapes=_QKV_O[:1]),
+    "qkv-4x256": _gemv(4, 256, 4, 3, shapes=_QKV_O[:1]),
+    "qkv-4x512+preload3": {_PRE: 3, **_gemv(4, 512, 4, 3, shapes=_QKV_O[:1])},
+    "qkvo-4x512": _gemv(4, 512, 4, 3),
+    "o-4x512": _gemv(4, 512, 4, 3, shapes=_QKV_O[1:]),
+    # the shared experts' GEMVs on the side stream: gate_up 6144 x 2560, down 2560 x 3072
+    "shup-4x512": _gemv(4, 512, 4, 3, shapes=_SHARED[:1]),
+    "shup-8x512-pre2": _gemv(8, 512, 4, 3, 2, shapes=_SHARED[:1]),
+    "shdown-4x512": _gemv(4, 512, 4, 3, shapes=_SHARED[1:]),
+    "qkvo-4x512+shared": _gemv(4, 512, 4, 3, shapes=_QKV_O + _SHARED),
+    "qkvo-4x512+down-bn2-1w": {
+        **_gemv(4, 512, 4, 3),
+        **_moe(down_block_n=2, down_num_warps=1),
+    },
     "o-1x1024": _gemv(1, 1024, 4, 3, shapes=_QKV_O[1:]),
     "o-2x512": _gemv(2, 512, 4, 3, shapes=_QKV_O[1:]),
     "o-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_QKV_O[1:]),

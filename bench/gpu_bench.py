@@ -651,7 +651,9 @@ def moe_decode_sweep(dev: torch.device, tiny: bool) -> None:
         cfgs = [tuple(getattr(dflt, f) for f in dflt.__dataclass_fields__)]
         cfgs += [c for c in (MOE_DECODE_SWEEP[:2] if tiny else MOE_DECODE_SWEEP) if c != cfgs[0]]
         for cfg in cfgs:
-            tiles = gv.MoeDecodeTiles(*cfg)
+            # a sweep entry's warps are both launches' (the default has its own down warps)
+            kw = {} if len(cfg) > 6 else {"down_num_warps": None}
+            tiles = gv.MoeDecodeTiles(*cfg, **kw)
             try:
                 got = gv.fused_moe_decode(x, w13, w2, wts, ids, add=add, tiles=tiles)
                 rel = float((got.float() - ref).norm() / ref.norm())
@@ -1261,6 +1263,16 @@ def run_tandem(
     return res
 
 
+GRAPH_EAGER_REL_TOL = 0.5
+"""Largest ||logits(graph) - logits(eager)|| / ||logits(eager)|| a decode step may show. Not
+a precision bound: with random weights a rounding difference that flips one top-k expert
+choice grows layer by layer, and at b1 the graph's attention splits differ from the eager
+step's (the bucket's block-table width fixes them). bench/graph_eager_check.py measured both
+paths against the same weights in fp32 (H200, 2026-12-03): rel 0.066 / 0.125 / 0.18 at 2 / 8
+/ 16 layers for graph and eager alike, top-1 equal to fp32's; at 28 layers graph vs eager
+reads ~0.15. Unrelated logits (a wrong cache, wrong positions) read ~1.4 (sqrt 2)."""
+
+
 def eager_vs_graph(
     runner: ModelRunner,
     seqs: list[StepSequence],
@@ -1277,18 +1289,28 @@ def eager_vs_graph(
         runner.graphs = graphs
         graphed = torch.cat(runner.run(seqs)).clone()
         diff = float((eager - graphed).abs().max())
+        ef = eager.float()
+        rel = float((ef - graphed.float()).norm() / ef.norm().clamp_min(1e-30))
+        top1 = float((eager.argmax(-1) == graphed.argmax(-1)).float().mean())
         runner.graphs = None
         iters = 3 if tokens < 8 and dev.type == "cpu" else 10
         t = bench(lambda: runner.run(seqs), dev, 2, iters)
         t.update(tokens=tokens, limit_ms=limit_ms, tok_s=tokens / (t["median_ms"] * 1e-3))
         t["max_abs_diff_graph_vs_eager"] = diff
+        t["rel_norm_graph_vs_eager"] = rel
+        t["top1_agree_graph_vs_eager"] = top1
         log(
             f"  {name + ' [eager]':22s} {t['median_ms']:9.2f} ms"
             f"  (min {t['min_ms']:.2f}, max {t['max_ms']:.2f})"
-            f"  {t['tok_s']:10.0f} tok/s   |logits graph - eager| {diff:.2e}"
+            f"  {t['tok_s']:10.0f} tok/s   |logits graph - eager| max {diff:.2e},"
+            f" rel_norm {rel:.2e}, top-1 agree {top1:.3f}"
         )
-        if not diff < 0.5:
-            FAILURES.append(f"{name}: graph logits differ from eager by {diff:.3e}")
+        # the graph and eager steps may take other kernels (split counts fixed per graph
+        # bucket, padding rows): see GRAPH_EAGER_REL_TOL
+        if not rel < GRAPH_EAGER_REL_TOL:
+            FAILURES.append(
+                f"{name}: graph logits differ from eager: rel_norm {rel:.3e} (max {diff:.3e})"
+            )
         return t
     except Exception as e:
         traceback.print_exc()
