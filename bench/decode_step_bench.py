@@ -168,6 +168,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "shup-2x1024": _gemv(2, 1024, 4, 3, shapes=_SHARED[:1]),
     "shdown-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_SHARED[1:]),
     "up-1w": _moe(num_warps=1),  # the routed up launch (the down has its own warps)
+    "up-4w": _moe(num_warps=4),
+    "up-bk1024": _moe(up_block_k=1024),
+    "up-bn8-4w": _moe(up_block_n=8, num_warps=4),
     "up-bn2-1w": _moe(up_block_n=2, num_warps=1),
     "shup-4x512-2w": _gemv(4, 512, 2, 3, shapes=_SHARED[:1]),
     "route-pre3": {_ROUTE: (2, 1024), _ROUTER_PRE: 3},
