@@ -30,6 +30,7 @@ import json
 import os
 import statistics
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_bench import (
     BLOCK,
+    GRAPH_EAGER_REL_TOL,
     RESULTS,
     bench,
     build_tandem,
@@ -222,6 +224,10 @@ def _target(key: str) -> tuple[Any, str]:
     return importlib.import_module(module), attr
 
 
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
 def use(name: str, start: dict[str, Any]) -> None:
     for key in start:  # every switch any variant touches: back to its default first
         mod, attr = _target(key)
@@ -320,6 +326,9 @@ def main() -> int:
     torch.manual_seed(0)
     out = Path(os.environ.get("OUT") or "/tmp")
     names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:  # before the model is built
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     batches = [int(b) for b in args.batches.split(",")]
     p = torch.cuda.get_device_properties(dev)
     log(f"{p.name}, {p.multi_processor_count} SMs, torch {torch.__version__}")
@@ -351,27 +360,45 @@ def main() -> int:
     results["roof"] = RESULTS["roof"]
     failures: list[str] = []
     try:
-        for n in names:  # capture every variant's graphs once, each in its own pool
+        for n in list(names):  # capture every variant's graphs once, each in its own pool
             use(n, start)
             g.make_graph = functools.partial(CudaStepGraph, torch.cuda.graph_pool_handle())
             g.graphs = {}
-            for b, seqs in cases:
-                logits[(n, b)] = torch.cat(runner.run(seqs)).float().clone()
-                runner.graphs = None
-                try:
-                    eager[(n, b)] = torch.cat(runner.run(seqs)).float().clone()
-                finally:
-                    runner.graphs = g
+            try:
+                for b, seqs in cases:
+                    logits[(n, b)] = torch.cat(runner.run(seqs)).float().clone()
+                    runner.graphs = None
+                    try:
+                        eager[(n, b)] = torch.cat(runner.run(seqs)).float().clone()
+                    finally:
+                        runner.graphs = g
+            except Exception as e:  # a variant the kernels refuse: drop it, keep the run
+                if n == names[0]:
+                    raise
+                traceback.print_exc()
+                failures.append(f"{n}: not run ({type(e).__name__}: {e})")
+                names.remove(n)
+                torch.cuda.synchronize()
+                continue
             store[n] = g.graphs
         for b, _ in cases:
             for n in names:
                 d_graph = float((logits[(n, b)] - logits[(names[0], b)]).abs().max())
                 d_eager = float((eager[(n, b)] - eager[(names[0], b)]).abs().max())
-                log(f"  b{b} {n}: |dlogits| vs {names[0]}: graph {d_graph}, eager {d_eager}")
-                # arithmetic-changing variants: bf16 rounding over 28 layers, logit scale ~5
-                if max(d_graph, d_eager) > (0.0 if n in EXACT else 1.0):
+                rel = max(
+                    _rel(logits[(n, b)], logits[(names[0], b)]),
+                    _rel(eager[(n, b)], eager[(names[0], b)]),
+                )
+                log(
+                    f"  b{b} {n}: |dlogits| vs {names[0]}: graph {d_graph}, eager {d_eager}"
+                    f" (rel_norm {rel:.2e})"
+                )
+                # arithmetic-changing variants: bf16 rounding over 28 layers, with top-k
+                # flips carrying on (see gpu_bench.GRAPH_EAGER_REL_TOL)
+                if (max(d_graph, d_eager) > 0.0) if n in EXACT else rel > GRAPH_EAGER_REL_TOL:
                     failures.append(
-                        f"b{b} {n}: logits differ from {names[0]} ({d_graph}, {d_eager})"
+                        f"b{b} {n}: logits differ from {names[0]} ({d_graph}, {d_eager},"
+                        f" rel_norm {rel:.2e})"
                     )
         times: dict[tuple[str, int], dict[str, list[float]]] = {}
         for b, seqs in cases:

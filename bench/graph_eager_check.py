@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.gpu_bench import BLOCK, build_tandem, hf_config_dict, seqs_decode
 from engine.config import ModelConfig
