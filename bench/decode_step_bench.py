@@ -49,6 +49,7 @@ from bench.gpu_bench import (
     limits,
     log,
     param_budget,
+    rel_norm,
     rooflines,
     seqs_decode,
 )
@@ -96,6 +97,13 @@ _GATED = "kernels.gemv:GATED_FUSED"
 _LATE = "kernels.triton_impl.moe_routing:LATE_LAUNCH"
 _AB = "kernels.triton_impl.attention_block:"
 _ROUTER_PRE = "kernels.triton_impl.moe_routing:ROUTER_PRELOAD"
+
+_TILES_BEFORE = {
+    _GEMV: lambda d: {k: v for k, v in d.items() if k not in _NEW_TILES},
+    **_moe(down_block_n=4, down_num_warps=None),
+}
+"""The tiles before 2026-12-03 (qkv 2 x 1024, shared gate_up 8 x 512 reading one chunk before
+its wait, MoE down 4 columns of 2 warps)."""
 
 _BEFORE = {
     _QKV: False,
@@ -154,19 +162,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "down-bn2-1w": _moe(down_block_n=2, down_num_warps=1),
     "down-bn4-2w": _moe(down_block_n=4, down_num_warps=None),
     "down-bn4-1w": _moe(down_block_n=4, down_num_warps=1),
-    # the defaults before 2026-12-03's tiles (qkv 2 x 1024, shared gate_up 8 x 512 reading one
-    # chunk before its wait, MoE down 4 columns of 2 warps)
-    "tiles-before": {
-        _GEMV: lambda d: {k: v for k, v in d.items() if k not in _NEW_TILES},
-        **_moe(down_block_n=4, down_num_warps=None),
-    },
+    "tiles-before": _TILES_BEFORE,
     # and with the router as it was too (2 experts a program, 2 chunks before its wait)
-    "before-12-03": {
-        _GEMV: lambda d: {k: v for k, v in d.items() if k not in _NEW_TILES},
-        **_moe(down_block_n=4, down_num_warps=None),
-        _ROUTE: (2, 1024),
-        _ROUTER_PRE: None,
-    },
+    "before-12-03": {**_TILES_BEFORE, _ROUTE: (2, 1024), _ROUTER_PRE: None},
     "shup-2x1024": _gemv(2, 1024, 4, 3, shapes=_SHARED[:1]),
     "shdown-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_SHARED[1:]),
     "up-1w": _moe(num_warps=1),  # the routed up launch (the down has its own warps)
@@ -222,10 +220,6 @@ EXACT = {"plain", "pdl"}  # launch switches only: logits must be bit-identical
 def _target(key: str) -> tuple[Any, str]:
     module, attr = key.split(":")
     return importlib.import_module(module), attr
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def use(name: str, start: dict[str, Any]) -> None:
@@ -386,8 +380,8 @@ def main() -> int:
                 d_graph = float((logits[(n, b)] - logits[(names[0], b)]).abs().max())
                 d_eager = float((eager[(n, b)] - eager[(names[0], b)]).abs().max())
                 rel = max(
-                    _rel(logits[(n, b)], logits[(names[0], b)]),
-                    _rel(eager[(n, b)], eager[(names[0], b)]),
+                    rel_norm(logits[(n, b)], logits[(names[0], b)]),
+                    rel_norm(eager[(n, b)], eager[(names[0], b)]),
                 )
                 log(
                     f"  b{b} {n}: |dlogits| vs {names[0]}: graph {d_graph}, eager {d_eager}"

@@ -146,30 +146,36 @@ def rooflines(dev: torch.device, tiny: bool) -> None:
 
 
 # ----------------------------------------------------------------------------- kernel checks
+def rel_norm(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """||got - ref|| / ||ref||, in float64."""
+    got_f, ref_f = got.detach().double(), ref.detach().double()
+    return float((got_f - ref_f).norm() / ref_f.norm().clamp_min(1e-30))
+
+
 def _err(name: str, got: torch.Tensor, ref: torch.Tensor, rel_tol: float) -> None:
     got_f, ref_f = got.detach().double(), ref.detach().double()
     finite = bool(torch.isfinite(got_f).all())
     abs_err = float((got_f - ref_f).abs().max()) if got.numel() else 0.0
     scale = float(ref_f.abs().max()) if ref.numel() else 1.0
     rel_max = abs_err / max(scale, 1e-30)
-    rel_norm = float((got_f - ref_f).norm() / ref_f.norm().clamp_min(1e-30))
+    rel = rel_norm(got, ref)
     # rel_norm bounds the typical error; rel_max allows a few output roundings of slack.
-    ok = finite and rel_norm <= rel_tol and rel_max <= 4 * rel_tol
+    ok = finite and rel <= rel_tol and rel_max <= 4 * rel_tol
     RESULTS["kernel_checks"][name] = {
         "max_abs_err": abs_err,
         "max_abs_ref": scale,
         "rel_max": rel_max,
-        "rel_norm": rel_norm,
+        "rel_norm": rel,
         "tol": rel_tol,
         "ok": ok,
     }
     flag = "ok  " if ok else "FAIL"
     log(
         f"  {flag} {name:38s} max|err| {abs_err:.3e}  (max|ref| {scale:.3e}, "
-        f"rel_norm {rel_norm:.2e}, tol {rel_tol:g})"
+        f"rel_norm {rel:.2e}, tol {rel_tol:g})"
     )
     if not ok:
-        FAILURES.append(f"kernel {name}: max|err| {abs_err:.3e}, rel_norm {rel_norm:.2e}")
+        FAILURES.append(f"kernel {name}: max|err| {abs_err:.3e}, rel_norm {rel:.2e}")
 
 
 def kernel_checks(dev: torch.device, tiny: bool, only: set[str] | None = None) -> None:
@@ -1289,8 +1295,7 @@ def eager_vs_graph(
         runner.graphs = graphs
         graphed = torch.cat(runner.run(seqs)).clone()
         diff = float((eager - graphed).abs().max())
-        ef = eager.float()
-        rel = float((ef - graphed.float()).norm() / ef.norm().clamp_min(1e-30))
+        rel = rel_norm(graphed, eager)
         top1 = float((eager.argmax(-1) == graphed.argmax(-1)).float().mean())
         runner.graphs = None
         iters = 3 if tokens < 8 and dev.type == "cpu" else 10

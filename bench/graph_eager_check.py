@@ -16,7 +16,6 @@ alone gives errors of one size that grow with depth.
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu_bench import BLOCK, build_tandem, hf_config_dict, seqs_decode
+from bench.gpu_bench import BLOCK, build_tandem, free, hf_config_dict, rel_norm, seqs_decode
 from engine.config import ModelConfig
 from engine.model_runner import ModelRunner
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def config(layers: int) -> ModelConfig:
@@ -65,7 +59,7 @@ def check(layers: int, ctx: int, batch: int, dev: torch.device) -> dict[str, flo
         runner.graphs = graphs
         caches = [(k.float(), v.float()) for k, v in runner.kv_caches]
         del runner, graphs
-        free()
+        free(dev)
         model = model.float()
         ref_runner = ModelRunner(
             model, cfg, num_blocks, BLOCK, torch.float32, dev, cuda_graphs=False
@@ -76,22 +70,16 @@ def check(layers: int, ctx: int, batch: int, dev: torch.device) -> dict[str, flo
         del caches
         ref = torch.cat(ref_runner.run(seqs)).float().clone()
     out = {
-        "graph_vs_fp32": rel(graph, ref),
-        "eager_vs_fp32": rel(eager, ref),
-        "graph_vs_eager": rel(graph, eager),
+        "graph_vs_fp32": rel_norm(graph, ref),
+        "eager_vs_fp32": rel_norm(eager, ref),
+        "graph_vs_eager": rel_norm(graph, eager),
         "max_graph_eager": float((graph - eager).abs().max()),
         "top1_graph_fp32": float((graph.argmax(-1) == ref.argmax(-1)).float().mean()),
         "top1_eager_fp32": float((eager.argmax(-1) == ref.argmax(-1)).float().mean()),
     }
     del ref_runner, model
-    free()
+    free(dev)
     return out
-
-
-def free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def main() -> int:

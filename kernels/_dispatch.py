@@ -82,9 +82,11 @@ PRELOAD_MAX_CHUNKS = 4
 """Chunks a kernel holds in registers before the wait (the kernels unroll this many)."""
 
 
-def preload_chunks(k: int, block_k: int, cap: int | None = None) -> int:
-    """Weight chunks of ``block_k`` (of ``k`` columns) a kernel reads before its PDL wait."""
-    n = min(int(PDL_PRELOAD), PRELOAD_MAX_CHUNKS, -(-k // block_k))
+def preload_chunks(k: int, block_k: int, cap: int | None = None, depth: int | None = None) -> int:
+    """Weight chunks of ``block_k`` (of ``k`` columns) a kernel reads before its PDL wait:
+    ``depth`` (None: ``PDL_PRELOAD``), at most PRELOAD_MAX_CHUNKS, the row's chunks and
+    ``cap``."""
+    n = min(int(PDL_PRELOAD if depth is None else depth), PRELOAD_MAX_CHUNKS, -(-k // block_k))
     return n if cap is None else min(n, cap)
 
 

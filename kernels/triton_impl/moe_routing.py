@@ -375,12 +375,6 @@ def norm_gate_route_triton(
     return weights, ids, x, res_out
 
 
-def _router_preload(d: int, block_d: int) -> int:
-    if ROUTER_PRELOAD is None:
-        return _dispatch.preload_chunks(d, block_d)
-    return min(ROUTER_PRELOAD, _dispatch.PRELOAD_MAX_CHUNKS, -(-d // block_d))
-
-
 def _launch(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -439,7 +433,7 @@ def _launch(
         HAS_RESIDUAL=residual is not None,
         BLOCK_N=next_pow2(d) if norm is not None else 1,
         PDL=pdl,
-        PRELOAD=_router_preload(d, block_d),
+        PRELOAD=_dispatch.preload_chunks(d, block_d, depth=ROUTER_PRELOAD),
         LATE_LAUNCH=LATE_LAUNCH,
         num_warps=num_warps,
         launch_pdl=pdl,
