@@ -51,17 +51,34 @@ def gated_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     impl: Impl = None,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(silu_and_mul(gate_up), weight, bias)``; gate_up ``[M, 2K]`` = [gate | up],
     weight ``[N, K]``. Where the GEMV runs (and ``GATED_FUSED`` or an explicit ``impl``), one
-    launch with the same values: the product is rounded as ``silu_and_mul`` rounds it."""
+    launch with the same values: the product is rounded as ``silu_and_mul`` rounds it.
+
+    ``add`` ``[M, N]``: returns ``add + F.linear(...)`` rounded once, as ``torch.addmm`` does
+    (the GEMV adds it to its fp32 sums; elsewhere ``torch.addmm``, whose fp32 sum order is
+    the BLAS's own, so the two agree to bf16 rounding, not bit for bit)."""
     from kernels.activation import silu_and_mul
 
-    if (GATED_FUSED or impl is not None) and use_gemv(gate_up, weight, impl):
+    if add is not None:
+        assert add.shape == (gate_up.shape[0], weight.shape[0]), (add.shape, weight.shape)
+        assert add.dtype == gate_up.dtype, (add.dtype, gate_up.dtype)
+    if (
+        (GATED_FUSED or impl is not None)
+        and use_gemv(gate_up, weight, impl)
+        and (add is None or add.stride(1) == 1)
+    ):
         from kernels.triton_impl.gemv import gemv_triton
 
-        return gemv_triton(gate_up, weight, bias, gated=True)
-    return linear(silu_and_mul(gate_up, impl=impl), weight, bias, impl)
+        return gemv_triton(gate_up, weight, bias, gated=True, add=add)
+    act = silu_and_mul(gate_up, impl=impl)
+    if add is None:
+        return linear(act, weight, bias, impl)
+    if bias is not None:
+        add = add + bias
+    return torch.addmm(add, act, weight.t())
 
 
 def qkv_rope_linear(

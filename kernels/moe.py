@@ -168,6 +168,7 @@ def fused_moe(
     add: torch.Tensor | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     add_stream: torch.cuda.Stream | None = None,
+    up_done: torch.cuda.Event | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j topk_weights[t, j] * w2[e] @ (silu(w13[e][:I] @ x[t]) * w13[e][I:] @ x[t])``
     with ``e = topk_ids[t, j]``.
@@ -180,6 +181,8 @@ def fused_moe(
     Returns [T, D] in x's dtype; with ``add`` [T, D] (the shared experts' output) returns
     ``out + add``, rounded as the separate bf16 add would be (fused on GPU). ``add_stream``
     (GPU): ``add`` is still being computed on that stream; it is joined before ``add`` is read.
+    ``up_done`` (GPU): recorded on the current stream once the experts' up projection is
+    queued (at decode, between the two launches; elsewhere after the whole block).
     """
     t, d = x.shape
     e, two_i, d13 = w13.shape
@@ -196,6 +199,8 @@ def fused_moe(
         add, shared = _gated_mlp(x, *shared, impl), None
     if not use_triton(x, impl):
         out = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
+        if up_done is not None:
+            up_done.record(torch.cuda.current_stream(x.device))
         return out if add is None else out + add
     from kernels.triton_impl.moe import fused_moe_triton
 
@@ -208,6 +213,7 @@ def fused_moe(
         add=add.contiguous() if add is not None else None,
         shared=shared,
         add_stream=add_stream,
+        up_done=up_done,
     )
 
 

@@ -17,12 +17,22 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.streams import beside
 from engine.parallel import Shard, current_tp, even_shard
+from kernels.gemv import gated_linear
 from kernels.moe import fused_moe, gate_route, norm_gate_route, shares_decode_launches
 
 SHARED_SIDE_STREAM = True
 """At decode on GPU, run the shared experts on a side stream beside the router and the routed
 experts' up launch (`MoEBlock._shared_beside`); False: inside the routed launches. Read at
 trace time; benchmarks flip it between CUDA-graph captures."""
+
+SHARED_DOWN_DEFERRED = True
+"""With the shared experts on the side stream (one rank): their down projection waits for the
+routed up launch to be queued and then runs beside the routed down launch, adding its output
+into the residual stream (`MoEBlock._shared_beside`), instead of running beside the up launch
+and being added by the down launch. The up launch, which already saturates the copy rate with
+the shared gate_up beside it, then streams 16 MB fewer, and the down launch (latency-bound at
+~2.5 TB/s) gets company. The layer returns a residual that is pending on the side stream: the
+next layer joins it (`engine.layers.streams.join`). Read at trace time, like the switch above."""
 
 
 class Router(nn.Module):
@@ -109,10 +119,11 @@ class Experts(nn.Module):
         add: torch.Tensor | None = None,
         shared: tuple[torch.Tensor, torch.Tensor] | None = None,
         add_stream: torch.cuda.Stream | None = None,
+        up_done: torch.cuda.Event | None = None,
     ) -> torch.Tensor:
         return fused_moe(
             x, self.gate_up_proj, self.down_proj, weights, ids, add=add, shared=shared,
-            add_stream=add_stream,
+            add_stream=add_stream, up_done=up_done,
         )  # fmt: skip
 
 
@@ -151,16 +162,18 @@ class ExpertGroup(nn.Module):
         norm: RMSNorm,
         shared: tuple[torch.Tensor, torch.Tensor] | None = None,
         add: tuple[torch.Tensor, torch.cuda.Stream] | None = None,
+        up_done: torch.cuda.Event | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward(x, shared=shared)` of `x, residual_out = norm.add_forward(h, residual)`,
         the norm fused into the router; returns (routed + shared sum, residual_out). `add` =
         (tensor, the stream computing it): added instead of `shared`, joined just before
-        the experts' down launch reads it."""
+        the experts' down launch reads it. `up_done`: see `kernels.moe.fused_moe`."""
         weights, ids, x, residual = self.gate.add_norm_forward(h, residual, norm)
+        w = weights.to(torch.float32)
         if add is not None:
-            out = self.experts(x, weights.to(torch.float32), ids, add=add[0], add_stream=add[1])
+            out = self.experts(x, w, ids, add=add[0], add_stream=add[1], up_done=up_done)
             return out, residual
-        return self.experts(x, weights.to(torch.float32), ids, shared=shared), residual
+        return self.experts(x, w, ids, shared=shared, up_done=up_done), residual
 
 
 class MoEBlock(nn.Module):
@@ -223,13 +236,29 @@ class MoEBlock(nn.Module):
         """Decode on GPU: the shared experts (with their own copy of the norm) run on a side
         stream while this stream routes and runs the routed experts' up launch; the down
         launch joins them and adds the shared output. The router's latency-bound launch then
-        overlaps the shared experts' weight stream (CUDA graphs capture the fork and join)."""
+        overlaps the shared experts' weight stream (CUDA graphs capture the fork and join).
+
+        `SHARED_DOWN_DEFERRED` (one rank): the shared down projection waits for the up launch
+        and runs beside the down launch, adding into the residual stream it returns, which
+        is still being computed on the side stream (the next layer joins it)."""
+        mlp = self.shared_experts
+        assert mlp is not None
+        defer = SHARED_DOWN_DEFERRED and self.tp.size == 1 and type(mlp.down_proj) is Linear
         with beside(h.device) as side:
-            x = norm(h) if residual is None else norm.add_forward(h, residual)[0]
-            mlp = self.shared_experts
-            assert mlp is not None
-            shared_out = mlp(x)
-        return self.text_moe.add_norm_forward(h, residual, norm, add=(shared_out, side))
+            x, res = (norm(h), h) if residual is None else norm.add_forward(h, residual)
+            if not defer:
+                shared_out = mlp(x)
+            else:
+                gate_up = mlp.gate_up_proj(x)
+        if not defer:
+            return self.text_moe.add_norm_forward(h, residual, norm, add=(shared_out, side))
+        up_done = torch.cuda.Event()
+        out, _ = self.text_moe.add_norm_forward(h, residual, norm, up_done=up_done)
+        with beside(h.device, after=up_done):
+            # the side stream's own copy of residual_out, so no main-stream tensor outlives
+            # this call on the side stream; rounded once with the shared MLP's sum
+            res = gated_linear(gate_up, mlp.down_proj.weight, mlp.down_proj.bias, add=res)
+        return out, res
 
     def _partial(self, x: torch.Tensor, vision_mask: torch.Tensor | None) -> torch.Tensor:
         text_only = self._text_only(vision_mask)

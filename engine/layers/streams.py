@@ -1,7 +1,8 @@
 """A side stream for decode work that may overlap the main stream's latency-bound kernels.
 
 ``beside(device)`` runs its block on the device's side stream, after everything already queued
-on the current stream; ``join(device)`` makes the current stream wait for the side stream.
+on the current stream (or, with ``after``, after that event and what the side stream already
+holds); ``join(device)`` makes the current stream wait for the side stream.
 Under CUDA-graph capture the fork and join become graph edges; every fork must be joined
 before the capture ends (the model joins once at the end of its forward).
 """
@@ -26,10 +27,16 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 @contextmanager
-def beside(device: torch.device) -> Iterator[torch.cuda.Stream]:
-    """Run the block on the side stream, ordered after the current stream's queued work."""
+def beside(
+    device: torch.device, after: torch.cuda.Event | None = None
+) -> Iterator[torch.cuda.Stream]:
+    """Run the block on the side stream, ordered after the current stream's queued work, or
+    only after the event `after` (recorded on the current stream) where given."""
     side = side_stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
+    if after is None:
+        side.wait_stream(torch.cuda.current_stream(device))
+    else:
+        side.wait_event(after)
     _FORKED.add(device)
     with torch.cuda.stream(side):
         yield side

@@ -154,7 +154,11 @@ class DecoderLayer(nn.Module):
         """(h, residual) -> (this layer's MLP output, the residual stream before it).
 
         The stream is `residual + h`; the add is left to the next norm, which fuses it
-        (the same bf16 roundings as adding first: see kernels.rms_norm)."""
+        (the same bf16 roundings as adding first: see kernels.rms_norm). At decode on a GPU
+        the residual a MoE layer returns may still be in the making on the side stream (the
+        shared experts' deferred down projection adds into it): joined here, before use."""
+        if h.is_cuda:
+            join(h.device)
         h, residual = self.self_attn.norm_forward(
             h, residual, self.input_layernorm, rope, kv_cache, meta
         )

@@ -179,6 +179,7 @@ def fused_moe_triton(
     add: torch.Tensor | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     add_stream: torch.cuda.Stream | None = None,
+    up_done: torch.cuda.Event | None = None,
 ) -> torch.Tensor:
     """Two grouped GEMMs; same contract as ``kernels.moe.fused_moe`` (``shared`` only on the
     decode path: callers check ``kernels.moe.shares_decode_launches``).
@@ -186,11 +187,11 @@ def fused_moe_triton(
     Tiles come from ``MOE_TILES`` by token count unless given (``tiles`` or the block sizes).
     """
     # T tokens, k experts per token, D hidden, I intermediate, E experts
-    t, d = x.shape
-    num_experts, two_i, _ = w13.shape
-    top_k = topk_ids.shape[1]
+    t = x.shape[0]
     assert topk_weights.is_contiguous() and x.stride(1) == 1
     if t == 0:
+        if up_done is not None:
+            up_done.record(torch.cuda.current_stream(x.device))
         return torch.zeros_like(x)
     explicit = tiles is not None or bool(block_m or block_n or block_k)
     if not explicit and t <= DECODE_MAX_TOKENS:  # decode: no sort, two GEMV launches
@@ -203,10 +204,36 @@ def fused_moe_triton(
             add=add,
             shared=shared,
             add_stream=add_stream,
+            up_done=up_done,
         )
     if add_stream is not None:  # the grouped path has no launch between: join first
         torch.cuda.current_stream(x.device).wait_stream(add_stream)
     assert shared is None, "shared experts ride only in the decode launches"
+    out = _fused_moe_sorted(
+        x, w13, w2, topk_weights, topk_ids, tiles, explicit, add, block_m, block_n, block_k
+    )  # fmt: skip
+    if up_done is not None:  # no launch between: the whole block
+        up_done.record(torch.cuda.current_stream(x.device))
+    return out
+
+
+def _fused_moe_sorted(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    tiles: MoeTiles | None,
+    explicit: bool,
+    add: torch.Tensor | None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+) -> torch.Tensor:
+    # the prefill paths of fused_moe_triton: tokens sorted by expert, grouped GEMMs
+    t, d = x.shape
+    num_experts, two_i, _ = w13.shape
+    top_k = topk_ids.shape[1]
     if not explicit and use_grouped(x, t * top_k):  # prefill: torch's Hopper grouped GEMM
         return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids, add=add)
     tiles = tiles or pick_tiles(t)
