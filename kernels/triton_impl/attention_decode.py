@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import dot_precision, next_pow2, use_pdl
-from kernels.triton_impl.pdl import pdl_enter
+from kernels.triton_impl.pdl import pdl_enter, pdl_launch, pdl_wait
 
 _LOG2E = 1.4426950408889634
 
@@ -28,6 +28,15 @@ FUSED_MERGE = False
 head) to arrive merges) instead of in ``_decode_merge_kernel``. Off: on an H100 the 28B
 batch-1 step replayed 0.057 ms slower with it (3.368 vs 3.311 ms, bench/decode_step_bench.py,
 bench/RESULTS.md). Benchmarks flip it between graph captures."""
+
+EARLY_KV = True
+"""The split kernel reads its metadata and first tile of keys before its PDL wait and only the
+query and the step's own key after it (``_decode_split_kernel``); the merge kernel reads its
+sequence's query range before its wait. Bit-identical; read at trace time. Only where the
+launch is latency-bound (fewer (sequence, kv head) pairs than SMs, as for the 8 warps): the
+early tile costs registers (109 against 80 a thread, sm_90), so programs a SM where the
+launch is many waves of KV reads (``EARLY_KV_ALWAYS`` lifts the limit, for benchmarks)."""
+EARLY_KV_ALWAYS = False
 
 MIN_KEYS_PER_SPLIT = 256
 """Host side: ``default_num_splits`` gives each split at least this many keys of the block
@@ -160,6 +169,66 @@ def _publish_split(
 
 
 @triton.jit
+def _kv_tile(
+    k_cache_ptr,
+    v_cache_ptr,
+    table_ptr,  # this sequence's block table row
+    start,
+    hi,
+    below,  # keys at positions >= below are not read (left 0)
+    kvh,
+    offs_d,
+    mask_d,
+    HKV: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    KV_CACHE: tl.constexpr,  # cache modifier of the K/V loads ("" or ".cg")
+):
+    # (k, v [BLOCK_N, BLOCK_D], their offsets, mask_n [BLOCK_N], positions) of the keys
+    # [start, start + BLOCK_N) below hi of kv head kvh, through the block table
+    pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
+    mask_n = pos < hi
+    block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=mask_n, other=0)
+    slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    kv_off = slot[:, None] * (HKV * D) + kvh * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    kv_mask = (mask_n & (pos < below))[:, None] & mask_d[None, :]
+    k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
+    v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
+    return k, v, kv_off, mask_n, pos
+
+
+@triton.jit
+def _attend_tile(q, k, v, mask_n, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    # one online-softmax step over a tile of keys (mask_n: the real ones); a tile with no
+    # real key changes nothing (p = 0, alpha = 1)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, N]
+    # The single query is the last position: every key below seq_len is visible.
+    qk = tl.where(mask_n[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_init(BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) free of (-inf) - (-inf) = nan.
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _softmax_out(m_i, l_i, acc):
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
+    return acc / tl.maximum(l_i, 1e-30)[:, None], lse
+
+
+@triton.jit
 def _attend_keys(
     q,  # [BLOCK_G, BLOCK_D] the query heads of kv head kvh
     k_cache_ptr,
@@ -182,31 +251,14 @@ def _attend_keys(
 ):
     # (out [BLOCK_G, BLOCK_D] normalised, lse [BLOCK_G] log2-sum-exp) of the query rows over
     # the keys [lo, hi) of the sequence; lse is -inf where there are none.
-    # A finite floor instead of -inf keeps exp2(m_old - m_new) free of (-inf) - (-inf) = nan.
-    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    m_i, l_i, acc = _softmax_init(BLOCK_G, BLOCK_D)
     for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N] absolute key positions
-        mask_n = pos < hi
-        block = tl.load(table_ptr + pos // BLOCK_SIZE, mask=mask_n, other=0)
-        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slot[:, None] * (HKV * D) + kvh * D + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
-        v = tl.load(v_cache_ptr + kv_off, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
-
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, N]
-        # The single query is the last position: every key below seq_len is visible.
-        qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log2(tl.maximum(l_i, 1e-30)), float("-inf"))
-    return acc / tl.maximum(l_i, 1e-30)[:, None], lse
+        k, v, _, mask_n, _ = _kv_tile(
+            k_cache_ptr, v_cache_ptr, table_ptr, start, hi, hi, kvh, offs_d, mask_d, HKV, D,
+            BLOCK_SIZE, BLOCK_N, KV_CACHE,
+        )  # fmt: skip
+        m_i, l_i, acc = _attend_tile(q, k, v, mask_n, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    return _softmax_out(m_i, l_i, acc)
 
 
 @triton.jit
@@ -241,8 +293,16 @@ def _decode_split_kernel(
     FUSED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY_KV: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    # EARLY_KV: everything but the query and the step's own key is in memory before this
+    # step's kernels run (host copies, earlier steps), so the metadata and the first tile of
+    # keys are read before the PDL wait, and the key at seq_len - 1 (written by the qkv
+    # launch just before) after it, into its row of the tile: the same tile, bit for bit.
+    if EARLY_KV:
+        pdl_launch(PDL)
+    else:
+        pdl_enter(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -250,9 +310,8 @@ def _decode_split_kernel(
     q_len = tl.load(qsl_ptr + b + 1) - q_start
     if q_len == 0:  # an empty (padding) sequence owns no output row (all its programs leave)
         return
-    lo, hi, num_active = _split_range(
-        tl.load(seq_lens_ptr + b), split, NUM_SPLITS, MIN_KEYS, BLOCK_N
-    )
+    seq_len = tl.load(seq_lens_ptr + b)
+    lo, hi, num_active = _split_range(seq_len, split, NUM_SPLITS, MIN_KEYS, BLOCK_N)
     if FUSED and split >= num_active:  # nothing to do; the merge counts active splits only
         return
 
@@ -263,12 +322,34 @@ def _decode_split_kernel(
     mask_d = offs_d < D
     mask_gd = mask_g[:, None] & mask_d[None, :]
     q_ptrs = q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
-
-    out, lse = _attend_keys(
-        q, k_cache_ptr, v_cache_ptr, block_tables_ptr + b * stride_bt, lo, hi, kvh, offs_d,
-        mask_d, qk_scale, HKV, D, BLOCK_SIZE, BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, "",
-    )  # fmt: skip
+    table_ptr = block_tables_ptr + b * stride_bt
+    if EARLY_KV:
+        k, v, kv_off, mask_n, pos = _kv_tile(
+            k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, seq_len - 1, kvh, offs_d, mask_d,
+            HKV, D, BLOCK_SIZE, BLOCK_N, "",
+        )  # fmt: skip
+        pdl_wait(PDL)
+        q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
+        new = ((pos == seq_len - 1) & mask_n)[:, None] & mask_d[None, :]
+        k = tl.where(new, tl.load(k_cache_ptr + kv_off, mask=new, other=0.0), k)
+        v = tl.where(new, tl.load(v_cache_ptr + kv_off, mask=new, other=0.0), v)
+        m_i, l_i, acc = _softmax_init(BLOCK_G, BLOCK_D)
+        m_i, l_i, acc = _attend_tile(q, k, v, mask_n, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        for start in range(lo + BLOCK_N, hi, BLOCK_N):
+            k, v, _, mask_n, _ = _kv_tile(
+                k_cache_ptr, v_cache_ptr, table_ptr, start, hi, hi, kvh, offs_d, mask_d, HKV,
+                D, BLOCK_SIZE, BLOCK_N, "",
+            )  # fmt: skip
+            m_i, l_i, acc = _attend_tile(
+                q, k, v, mask_n, m_i, l_i, acc, qk_scale, DOT_PRECISION
+            )  # fmt: skip
+        out, lse = _softmax_out(m_i, l_i, acc)
+    else:
+        q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
+        out, lse = _attend_keys(
+            q, k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, kvh, offs_d, mask_d, qk_scale,
+            HKV, D, BLOCK_SIZE, BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, "",
+        )  # fmt: skip
     first = (b * HQ + heads) * NUM_SPLITS  # [BLOCK_G] row of each head's split 0
     if FUSED:
         _publish_split(
@@ -296,13 +377,20 @@ def _decode_merge_kernel(
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY_KV: tl.constexpr,
 ):
-    pdl_enter(PDL)
+    # EARLY_KV: the query range (a host copy) is read before the PDL wait
+    if EARLY_KV:
+        pdl_launch(PDL)
+    else:
+        pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + b)
     if tl.load(qsl_ptr + b + 1) == q_start:
         return
+    if EARLY_KV:
+        pdl_wait(PDL)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     mask_s = offs_s < NUM_SPLITS
@@ -387,11 +475,10 @@ def paged_attention_decode(
     if t == 0:
         return out
     max_context = max_blocks * block_size
+    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     if num_warps is None:
-        num_sms = (
-            torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        )
         num_warps = 8 if b * hkv < num_sms else 4
+    early = EARLY_KV and (EARLY_KV_ALWAYS or b * hkv < num_sms)
     if num_splits is None:
         num_splits = default_num_splits(b, hkv, max_context, q.device)
     counters = None
@@ -433,6 +520,7 @@ def paged_attention_decode(
         FUSED=fused,
         DOT_PRECISION=dot_precision(q.dtype),
         PDL=pdl,
+        EARLY_KV=early,
         num_warps=num_warps,
         launch_pdl=pdl,
     )
@@ -451,6 +539,7 @@ def paged_attention_decode(
         BLOCK_S=next_pow2(num_splits),
         BLOCK_D=next_pow2(d),
         PDL=pdl,
+        EARLY_KV=early,
         launch_pdl=pdl,
     )
     return out

@@ -34,11 +34,21 @@ class GemvTiles:
 # in the full b1 step on the H200, graph replay (bench/decode_step_bench.py, bench/RESULTS.md,
 # 2026-12-03): qkv 3584 x 2560 at 4 x 512 (896 programs, one wave) -0.072 / -0.078 ms against
 # 2 x 1024 (1792 programs); the shared experts' gate_up 6144 x 2560 at 4 x 512 -0.035 against
-# 8 x 512 (o_proj 2560 x 2560 and the shared down 2560 x 3072 lose at 4 x 512: +0.010 / +0.002)
+# 8 x 512 (o_proj 2560 x 2560 loses at 4 x 512: +0.010). The shared down 2560 x 3072 lost at
+# 4 x 512 beside the routed up launch (+0.002 to +0.095); since it runs beside the routed down
+# launch (engine.layers.moe.SHARED_DOWN_DEFERRED, session 7) it gains there: -0.016 / -0.013 /
+# -0.008 ms in three calls.
 GEMV_TILES: dict[tuple[int, int, int], GemvTiles] = {
     (1, 3584, 2560): GemvTiles(4, 512, 4, 3),
     (1, 6144, 2560): GemvTiles(4, 512, 4, 3),
+    (1, 2560, 3072): GemvTiles(4, 512, 4, 3),
 }
+
+
+QKV_EARLY_META = True
+"""The qkv + rotary launch reads its positions, cos|sin rows and cache slots before its PDL
+wait instead of after its sums (one round trip off each program's tail; bit-identical). Read
+at trace time."""
 
 
 def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
@@ -142,23 +152,27 @@ def _gemv_kernel(
     x_ptr,
     w_ptr,
     b_ptr,
+    a_ptr,
     y_ptr,
     N,
     K,
     stride_xm,
     stride_wn,
+    stride_am,
     stride_ym,
     M: tl.constexpr,
     M_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_ADD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
     GATED: tl.constexpr,
 ):
-    # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]); one program = BLOCK_N rows of w, all M rows.
-    # GATED: x is [gate | up] and the input silu(gate) * up (K columns).
+    # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]) (+ a[m, n], rounded once); one program =
+    # BLOCK_N rows of w, all M rows. GATED: x is [gate | up] and the input silu(gate) * up
+    # (K columns).
     pdl_launch(PDL)  # the wait is in _gemv_acc
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -168,8 +182,12 @@ def _gemv_kernel(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
         HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, GATED,
     )  # fmt: skip
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_ADD:
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_n[None, :], mask=mask, other=0.0)
+        acc += a.to(tl.float32)
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -198,6 +216,7 @@ def _qkv_rope_kernel(
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
+    EARLY_META: tl.constexpr,
 ):
     # The qkv projection y = [q | k | v] (as _gemv_kernel), then in registers: the rotary
     # embedding of the q and k columns (interleaved pairs (2j, 2j+1), angles from row
@@ -210,19 +229,29 @@ def _qkv_rope_kernel(
     mask_n = offs_n < N
     offs_m = tl.arange(0, M_PAD)
     mask_m = offs_m < M
+    # EARLY_META: the positions, the cos|sin rows and the cache slots are read before the
+    # wait (in _gemv_acc), not after the sums: host copies and torch's (plain, not PDL)
+    # launches write them before the step's first PDL kernel starts (docs/decisions.md)
+    half: tl.constexpr = BLOCK_N // 2
+    pair = (n0 % D) // 2 + tl.arange(0, half)  # [half] frequency index of each pair
+    trig_mask = mask_m[:, None] & (pair < D // 2)[None, :]
+    if EARLY_META:
+        row = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)  # [M_PAD]
+        trig = table_ptr + row[:, None] * D + pair[None, :]  # [M_PAD, half]
+        cos = tl.load(trig, mask=trig_mask, other=1.0)
+        sin = tl.load(trig + D // 2, mask=trig_mask, other=0.0)
+        slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)  # [M_PAD] int64
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
         HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, False,
     )  # fmt: skip
     y = acc.to(y_ptr.dtype.element_ty)  # rounded as the linear's output is, then rotated
-    half: tl.constexpr = BLOCK_N // 2
     a, b = tl.split(tl.reshape(y.to(tl.float32), [M_PAD, half, 2]))  # even, odd columns
-    pair = (n0 % D) // 2 + tl.arange(0, half)  # [half] frequency index of each pair
-    row = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)  # [M_PAD]
-    trig = table_ptr + row[:, None] * D + pair[None, :]  # [M_PAD, half]
-    trig_mask = mask_m[:, None] & (pair < D // 2)[None, :]
-    cos = tl.load(trig, mask=trig_mask, other=1.0)
-    sin = tl.load(trig + D // 2, mask=trig_mask, other=0.0)
+    if not EARLY_META:
+        row = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)  # [M_PAD]
+        trig = table_ptr + row[:, None] * D + pair[None, :]  # [M_PAD, half]
+        cos = tl.load(trig, mask=trig_mask, other=1.0)
+        sin = tl.load(trig + D // 2, mask=trig_mask, other=0.0)
     ra = a * cos - b * sin
     rb = b * cos + a * sin
     rot = tl.reshape(tl.join(ra, rb), [M_PAD, BLOCK_N]).to(y_ptr.dtype.element_ty)
@@ -230,7 +259,8 @@ def _qkv_rope_kernel(
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], y, mask=mask)
     if n0 >= HQ * D:  # k or v columns: into the cache row of each token's slot
-        slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)  # [M_PAD] int64
+        if not EARLY_META:
+            slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)  # [M_PAD] int64
         c = offs_n - HQ * D  # [BLOCK_N] column within [k | v]
         is_v = n0 >= (HQ + HKV) * D
         col = tl.where(is_v, c - HKV * D, c)
@@ -248,9 +278,11 @@ def gemv_triton(
     bias: torch.Tensor | None = None,
     tiles: GemvTiles | None = None,
     gated: bool = False,
+    add: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x ``[M, K]`` with small M; weight ``[N, K]``.
-    ``gated``: x is ``[M, 2K]`` = [gate | up] and the input is ``silu_and_mul(x)``."""
+    ``gated``: x is ``[M, 2K]`` = [gate | up] and the input is ``silu_and_mul(x)``. ``add``
+    ``[M, N]``: added to the fp32 sums, the result rounded once (as ``torch.addmm``)."""
     # M rows, K in, N out
     m, k = x.shape
     k = k // 2 if gated else k
@@ -261,6 +293,8 @@ def gemv_triton(
     assert x.dtype == weight.dtype, (x.dtype, weight.dtype)
     if bias is not None:
         assert bias.shape == (n,) and bias.is_contiguous(), bias.shape
+    if add is not None:
+        assert add.shape == (m, n) and add.stride(1) == 1 and add.dtype == x.dtype, add.shape
     tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     pdl = use_pdl(x)
@@ -268,15 +302,18 @@ def gemv_triton(
         x,
         weight,
         weight if bias is None else bias,
+        y if add is None else add,
         y,
         n,
         k,
         x.stride(0),
         weight.stride(0),
+        y.stride(0) if add is None else add.stride(0),
         y.stride(0),
         M=m,
         M_PAD=next_pow2(m),
         HAS_BIAS=bias is not None,
+        HAS_ADD=add is not None,
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         PDL=pdl,
@@ -338,6 +375,7 @@ def qkv_rope_triton(
         PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        EARLY_META=QKV_EARLY_META,
         launch_pdl=pdl,
     )
     return y
@@ -564,9 +602,14 @@ def fused_moe_decode(
     tiles: MoeDecodeTiles | None = None,
     shared: tuple[torch.Tensor, torch.Tensor] | None = None,
     add_stream: torch.cuda.Stream | None = None,
+    up_done: torch.cuda.Event | None = None,
 ) -> torch.Tensor:
     """Same contract as ``kernels.moe.fused_moe``, for a few tokens: no sort, no padding, two
     launches, the k-way sum and the shared add fused into the down projection.
+
+    ``up_done``: recorded on the current stream between the up and the down launch, so work
+    on another stream can wait for the up launch's weight stream to end and run beside the
+    down launch (the deferred shared down projection, ``engine.layers.moe``).
 
     ``add_stream``: ``add`` is being computed on that stream; the current stream waits for
     it just before the down launch, so the up launch overlaps it.
@@ -633,6 +676,8 @@ def fused_moe_decode(
         num_stages=tiles.num_stages,
         launch_pdl=pdl_up,
     )
+    if up_done is not None:
+        up_done.record(torch.cuda.current_stream(x.device))
     if add_stream is not None:
         torch.cuda.current_stream(x.device).wait_stream(add_stream)
     _moe_down_kernel[(t, triton.cdiv(d, tiles.down_block_n))](

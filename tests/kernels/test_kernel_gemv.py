@@ -93,6 +93,42 @@ def test_gated_linear_is_silu_and_mul_then_linear(monkeypatch, k_in: int, preloa
 
 
 @needs_triton
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gated_linear_add_rounds_once(m: int, with_bias: bool) -> None:
+    """`add` (the residual the deferred shared down projection writes into): added to the fp32
+    sums in the GEMV and rounded once, as torch.addmm does; a strided add is read as such."""
+    from kernels.activation import silu_and_mul
+    from kernels.gemv import gated_linear
+    from kernels.triton_impl.gemv import GemvTiles, gemv_triton
+
+    k_in, n = 200, 37
+    gate_up = torch.randn(m, 2 * k_in, dtype=torch.float16) * 3
+    w = (torch.randn(n, k_in) / k_in**0.5).half()
+    b = torch.randn(n).half() if with_bias else None
+    base = torch.randn(m, 2 * n, dtype=torch.float16) * 4
+    add = base[:, ::2] if m > 1 else base[:, :n]  # row stride 2n; m > 1: columns strided too
+    act = silu_and_mul(gate_up, impl="torch").double()
+    exact = act @ w.double().T + add.double() + (0 if b is None else b.double())
+    if m > 1:  # column-strided: the GEMV takes contiguous columns only
+        with pytest.raises(AssertionError):
+            gemv_triton(gate_up, w, b, gated=True, add=add)
+        add = add.contiguous()
+    got = gemv_triton(gate_up, w, b, GemvTiles(4, 64, 2), gated=True, add=add)
+    assert got.shape == (m, n) and got.dtype == torch.float16
+    # one rounding of a nearly exact sum: within half an ulp of fp16 (plus the fp32 sums')
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2**-14)
+    assert bool(((got.double() - exact).abs() <= 0.5 * ulp + 1e-4).all())
+    # the dispatching entry point: the GEMV at one row, addmm above GEMV_MAX_M
+    via = gated_linear(gate_up, w, b, impl="triton", add=add)
+    assert _rel(via, exact) < 2e-3
+    if m == 1:
+        assert torch.equal(via, gemv_triton(gate_up, w, b, gated=True, add=add))
+    with pytest.raises(AssertionError):
+        gated_linear(gate_up, w, b, impl="triton", add=add[:, :-1])
+
+
+@needs_triton
 @pytest.mark.parametrize("shared", [False, True])
 def test_moe_down_preload_is_bit_identical(shared: bool) -> None:
     """The down launch reading its first experts' first chunk before the wait: same sums."""
@@ -216,6 +252,33 @@ def test_qkv_rope_matches_linear_then_rotary(
         got = qkv_rope_linear(x, w, b, hq, hkv, (table, rows), (kc, vc, slots), impl="triton")
         torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
         torch.testing.assert_close(kc, kc_ref, rtol=tol, atol=tol)
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [1, 3])
+def test_qkv_rope_early_meta_is_bit_identical(monkeypatch, m: int) -> None:
+    """Positions, cos|sin rows and slots read before the PDL wait (QKV_EARLY_META) or after
+    the sums: the same output and the same cache, bit for bit."""
+    import kernels.triton_impl.gemv as gemv_impl
+    from engine.layers.rotary import TextRotary
+
+    hq, hkv, d, k_in, bs = 3, 1, 16, 72, 4
+    n = (hq + 2 * hkv) * d
+    x = torch.randn(m, k_in, dtype=torch.float16)
+    w = (torch.randn(n, k_in) / k_in**0.5).half()
+    table, rows = TextRotary(d, 10000.0, (2, 2, 4)).step_table(
+        torch.tensor([[7, 30, 2], [5, 31, 2], [9, 29, 2]])[:, :m]
+    )
+    slots = torch.tensor([3, -1, 17])[:m]
+    outs = []
+    for early in (False, True):
+        monkeypatch.setattr(gemv_impl, "QKV_EARLY_META", early)
+        kc, vc = torch.zeros(5, bs, hkv, d).half(), torch.zeros(5, bs, hkv, d).half()
+        y = gemv_impl.qkv_rope_triton(x, w, None, hq, hkv, table, rows, kc, vc, slots)
+        outs.append((y, kc, vc))
+    for late, early in zip(*outs, strict=True):
+        assert torch.equal(late, early)
+    assert outs[1][1].abs().sum() > 0  # the cache was written
 
 
 @needs_triton

@@ -291,6 +291,51 @@ def test_decode_fused_merge(
 
 
 @needs_triton
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("num_splits", "block_n"), [(1, 16), (3, 16), (8, 16), (2, 64)])
+def test_decode_early_kv_is_bit_identical(
+    monkeypatch: pytest.MonkeyPatch, fused: bool, num_splits: int, block_n: int
+) -> None:
+    """EARLY_KV (the first key tile read before the PDL wait, the step's own key patched in
+    after it): the same bits as reading everything after the wait. Cache rows outside every
+    sequence are NaN, so a lane read outside its tile would show."""
+    from kernels.triton_impl import attention_decode as ad
+
+    seq_lens = [1, 37, 12, 45, 5, 100, 64, 16]  # the new key first, mid-tile, tile-last
+    batch = make_batch(seq_lens, [1] * len(seq_lens), 8, 2, 24, 4, torch.float16)
+    used = torch.zeros(batch.k_cache.shape[:2], dtype=torch.bool)
+    for row, n in zip(batch.block_tables.long(), seq_lens, strict=True):
+        pos = torch.arange(n)
+        used[row[pos // 4], pos % 4] = True
+    batch.k_cache[~used] = float("nan")
+    batch.v_cache[~used] = float("nan")
+    kw = {"num_splits": num_splits, "block_n": block_n}
+    launched: list[bool] = []
+    kernel = ad._decode_split_kernel
+
+    class Spy:  # records which variant each launch compiled
+        def __getitem__(self, grid: object):
+            def launch(*args: object, **kwargs: object) -> object:
+                launched.append(bool(kwargs["EARLY_KV"]))
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(ad, "_decode_split_kernel", Spy())
+    monkeypatch.setattr(ad, "EARLY_KV", False)
+    late = _decode(batch, monkeypatch, fused, **kw)
+    monkeypatch.setattr(ad, "EARLY_KV", True)
+    _decode(batch, monkeypatch, fused, **kw)  # 16 (sequence, kv head) pairs, 8 "SMs": late
+    monkeypatch.setattr(ad, "EARLY_KV_ALWAYS", True)
+    early = _decode(batch, monkeypatch, fused, **kw)
+    assert launched == [False, False, True]
+    assert not early.isnan().any()
+    assert torch.equal(early, late)
+    ref = paged_attention_ref(*batch.args(), scale=24**-0.5)
+    torch.testing.assert_close(early, ref, atol=TOL[torch.float16], rtol=TOL[torch.float16])
+
+
+@needs_triton
 @pytest.mark.parametrize(("num_splits", "fused"), [(1, True), (4, True), (4, False)])
 def test_decode_empty_sequences(
     monkeypatch: pytest.MonkeyPatch, num_splits: int, fused: bool
