@@ -62,7 +62,8 @@ _TILES = "kernels.triton_impl.gemv:MOE_DECODE_TILES"
 _GEMV = "kernels.triton_impl.gemv:GEMV_TILES"
 _QKV_O = ((1, 3584, 2560), (1, 2560, 2560))  # 28B qkv and o_proj at one row
 _SHARED = ((1, 6144, 2560), (1, 2560, 3072))  # 28B shared experts' gate_up and down
-_NEW_TILES = (_QKV_O[0], _SHARED[0])  # GEMV_TILES entries of 2026-12-03
+_NEW_TILES = (_QKV_O[0], _SHARED[0])  # GEMV_TILES entries of 2026-12-03 (session 6)
+_S7_TILES = (_SHARED[1],)  # and of session 7
 
 
 def _old_gemv(d: dict) -> dict:  # the tiles before this session, shapes <= 4096 rows
@@ -97,9 +98,21 @@ _GATED = "kernels.gemv:GATED_FUSED"
 _LATE = "kernels.triton_impl.moe_routing:LATE_LAUNCH"
 _AB = "kernels.triton_impl.attention_block:"
 _ROUTER_PRE = "kernels.triton_impl.moe_routing:ROUTER_PRELOAD"
+_DEFER = "engine.layers.moe:SHARED_DOWN_DEFERRED"
+_EARLY_KV = "kernels.triton_impl.attention_decode:EARLY_KV"
+_QKV_META = "kernels.triton_impl.gemv:QKV_EARLY_META"
+
+_S7_BEFORE = {
+    _DEFER: False,
+    _EARLY_KV: False,
+    _QKV_META: False,
+    _GEMV: lambda d: {k: v for k, v in d.items() if k not in _S7_TILES},
+}
+"""Session 7's decode changes undone: the shared down beside the up launch at the heuristic's
+tiles, the attention's metadata and first key tile read after the PDL wait."""
 
 _TILES_BEFORE = {
-    _GEMV: lambda d: {k: v for k, v in d.items() if k not in _NEW_TILES},
+    _GEMV: lambda d: {k: v for k, v in d.items() if k not in _NEW_TILES + _S7_TILES},
     **_moe(down_block_n=4, down_num_warps=None),
 }
 """The tiles before 2026-12-03 (qkv 2 x 1024, shared gate_up 8 x 512 reading one chunk before
@@ -130,6 +143,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "-qkv-rope": {_QKV: False},
     "-norm-route": {_NORM_ROUTE: False},
     "-side-stream": {_SIDE: False},
+    "-shdown-defer": {_DEFER: False},  # the shared down beside the up launch, added by the down
+    "-early-kv": {_EARLY_KV: False},  # attention metadata and first key tile after the wait
+    "early-kv-all": {_EARLY_KV + "_ALWAYS": True},  # and before it at every batch
+    "-qkv-meta": {_QKV_META: False},  # the rotary's positions, table and slots after the sums
     "-preload": {_PRE: False},
     "preload3": {_PRE: 3},  # more weight chunks read before the PDL wait
     "preload4": {_PRE: 4},
@@ -162,9 +179,22 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "down-bn2-1w": _moe(down_block_n=2, down_num_warps=1),
     "down-bn4-2w": _moe(down_block_n=4, down_num_warps=None),
     "down-bn4-1w": _moe(down_block_n=4, down_num_warps=1),
+    # the down launch's K chunk: each program reads its 6 experts' rows one chunk at a time,
+    # one round trip each (18 at 512 columns of I = 1536), so fewer, larger chunks
+    "down-bk1024-1w": _moe(down_block_k=1024),
+    "down-bk2048-2w": _moe(down_block_k=2048, down_num_warps=2),
+    "down-bk2048-4w": _moe(down_block_k=2048, down_num_warps=4),
+    "down-bn1-bk2048-1w": _moe(down_block_n=1, down_block_k=2048),
+    "down-bn4-bk2048-4w": _moe(down_block_n=4, down_block_k=2048, down_num_warps=4),
     "tiles-before": _TILES_BEFORE,
     # and with the router as it was too (2 experts a program, 2 chunks before its wait)
-    "before-12-03": {**_TILES_BEFORE, _ROUTE: (2, 1024), _ROUTER_PRE: None},
+    "before-12-03": {
+        **_S7_BEFORE,
+        **_TILES_BEFORE,  # its tile filter drops session 7's entry too
+        _ROUTE: (2, 1024),
+        _ROUTER_PRE: None,
+    },
+    "before-s7": _S7_BEFORE,
     "shup-2x1024": _gemv(2, 1024, 4, 3, shapes=_SHARED[:1]),
     "shdown-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_SHARED[1:]),
     "up-1w": _moe(num_warps=1),  # the routed up launch (the down has its own warps)
@@ -194,7 +224,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the shared experts' GEMVs on the side stream: gate_up 6144 x 2560, down 2560 x 3072
     "shup-4x512": _gemv(4, 512, 4, 3, shapes=_SHARED[:1]),
     "shup-8x512-pre2": _gemv(8, 512, 4, 3, 2, shapes=_SHARED[:1]),
-    "shdown-4x512": _gemv(4, 512, 4, 3, shapes=_SHARED[1:]),
+    "shdown-heuristic": {_GEMV: lambda d: {k: v for k, v in d.items() if k not in _S7_TILES}},
+    "shdown-8x512": _gemv(8, 512, 4, 3, shapes=_SHARED[1:]),
+    "shdown-4x1024-8w": _gemv(4, 1024, 8, 3, shapes=_SHARED[1:]),
     "qkvo-4x512+shared": _gemv(4, 512, 4, 3, shapes=_QKV_O + _SHARED),
     "qkvo-4x512+down-bn2-1w": {
         **_gemv(4, 512, 4, 3),
@@ -214,7 +246,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gemv-2x1024+moe-down-bn2": {**_gemv(2, 1024, 4, 3), **_moe(down_block_n=2)},
     "gemv-2x1024+moe-bn2": {**_gemv(2, 1024, 4, 3), **_moe(down_block_n=2, up_block_n=2)},
 }
-EXACT = {"plain", "pdl"}  # launch switches only: logits must be bit-identical
+EXACT = {
+    "plain",
+    "pdl",
+    "-early-kv",
+    "-qkv-meta",
+}  # launch switches only: logits must be bit-identical
 
 
 def _target(key: str) -> tuple[Any, str]:
