@@ -252,13 +252,27 @@ def _attend_keys(
     # (out [BLOCK_G, BLOCK_D] normalised, lse [BLOCK_G] log2-sum-exp) of the query rows over
     # the keys [lo, hi) of the sequence; lse is -inf where there are none.
     m_i, l_i, acc = _softmax_init(BLOCK_G, BLOCK_D)
-    for start in range(lo, hi, BLOCK_N):
+    m_i, l_i, acc = _attend_from(
+        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, kvh, offs_d, mask_d,
+        qk_scale, HKV, D, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, KV_CACHE,
+    )  # fmt: skip
+    return _softmax_out(m_i, l_i, acc)
+
+
+@triton.jit
+def _attend_from(
+    q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, start, hi, kvh, offs_d, mask_d,
+    qk_scale, HKV: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
+):  # fmt: skip
+    # the online softmax state carried over the key tiles [start, hi)
+    for s0 in range(start, hi, BLOCK_N):
         k, v, _, mask_n, _ = _kv_tile(
-            k_cache_ptr, v_cache_ptr, table_ptr, start, hi, hi, kvh, offs_d, mask_d, HKV, D,
+            k_cache_ptr, v_cache_ptr, table_ptr, s0, hi, hi, kvh, offs_d, mask_d, HKV, D,
             BLOCK_SIZE, BLOCK_N, KV_CACHE,
         )  # fmt: skip
         m_i, l_i, acc = _attend_tile(q, k, v, mask_n, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-    return _softmax_out(m_i, l_i, acc)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -323,33 +337,26 @@ def _decode_split_kernel(
     mask_gd = mask_g[:, None] & mask_d[None, :]
     q_ptrs = q_ptr + q_start.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :]
     table_ptr = block_tables_ptr + b * stride_bt
+    m_i, l_i, acc = _softmax_init(BLOCK_G, BLOCK_D)
+    start = lo
     if EARLY_KV:
         k, v, kv_off, mask_n, pos = _kv_tile(
             k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, seq_len - 1, kvh, offs_d, mask_d,
             HKV, D, BLOCK_SIZE, BLOCK_N, "",
         )  # fmt: skip
         pdl_wait(PDL)
-        q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
+    q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
+    if EARLY_KV:  # the step's own key into its row, then the tile as the loop would take it
         new = ((pos == seq_len - 1) & mask_n)[:, None] & mask_d[None, :]
         k = tl.where(new, tl.load(k_cache_ptr + kv_off, mask=new, other=0.0), k)
         v = tl.where(new, tl.load(v_cache_ptr + kv_off, mask=new, other=0.0), v)
-        m_i, l_i, acc = _softmax_init(BLOCK_G, BLOCK_D)
         m_i, l_i, acc = _attend_tile(q, k, v, mask_n, m_i, l_i, acc, qk_scale, DOT_PRECISION)
-        for start in range(lo + BLOCK_N, hi, BLOCK_N):
-            k, v, _, mask_n, _ = _kv_tile(
-                k_cache_ptr, v_cache_ptr, table_ptr, start, hi, hi, kvh, offs_d, mask_d, HKV,
-                D, BLOCK_SIZE, BLOCK_N, "",
-            )  # fmt: skip
-            m_i, l_i, acc = _attend_tile(
-                q, k, v, mask_n, m_i, l_i, acc, qk_scale, DOT_PRECISION
-            )  # fmt: skip
-        out, lse = _softmax_out(m_i, l_i, acc)
-    else:
-        q = tl.load(q_ptrs, mask=mask_gd, other=0.0)  # [BLOCK_G, BLOCK_D]
-        out, lse = _attend_keys(
-            q, k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, kvh, offs_d, mask_d, qk_scale,
-            HKV, D, BLOCK_SIZE, BLOCK_G, BLOCK_N, BLOCK_D, DOT_PRECISION, "",
-        )  # fmt: skip
+        start = lo + BLOCK_N
+    m_i, l_i, acc = _attend_from(
+        q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_ptr, start, hi, kvh, offs_d, mask_d,
+        qk_scale, HKV, D, BLOCK_SIZE, BLOCK_N, DOT_PRECISION, "",
+    )  # fmt: skip
+    out, lse = _softmax_out(m_i, l_i, acc)
     first = (b * HQ + heads) * NUM_SPLITS  # [BLOCK_G] row of each head's split 0
     if FUSED:
         _publish_split(
