@@ -101,6 +101,8 @@ _ROUTER_PRE = "kernels.triton_impl.moe_routing:ROUTER_PRELOAD"
 _DEFER = "engine.layers.moe:SHARED_DOWN_DEFERRED"
 _EARLY_KV = "kernels.triton_impl.attention_decode:EARLY_KV"
 _QKV_META = "kernels.triton_impl.gemv:QKV_EARLY_META"
+_RANKED = "kernels.triton_impl.moe_routing:TOPK_RANKED"
+_QKV_NORM = "kernels.gemv:QKV_NORM_FUSED"
 
 _S7_BEFORE = {
     _DEFER: False,
@@ -186,6 +188,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "down-bk2048-4w": _moe(down_block_k=2048, down_num_warps=4),
     "down-bn1-bk2048-1w": _moe(down_block_n=1, down_block_k=2048),
     "down-bn4-bk2048-4w": _moe(down_block_n=4, down_block_k=2048, down_num_warps=4),
+    "topk-ranked": {_RANKED: True},  # the router's top-k by one ranking, not k argmax rounds
+    "-topk-ranked": {_RANKED: False},
+    "-qkv-norm": {_QKV_NORM: False},  # the layer's input norm as its own launch before qkv
     "tiles-before": _TILES_BEFORE,
     # and with the router as it was too (2 experts a program, 2 chunks before its wait)
     "before-12-03": {
@@ -251,6 +256,9 @@ EXACT = {
     "pdl",
     "-early-kv",
     "-qkv-meta",
+    "topk-ranked",
+    "-topk-ranked",
+    "-qkv-norm",
 }  # launch switches only: logits must be bit-identical
 
 

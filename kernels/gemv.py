@@ -20,6 +20,10 @@ GEMV_MAX_M = 1
 QKV_ROPE_FUSED = True
 """``qkv_rope_linear`` runs the projection, rotary and cache write in one launch where the GEMV
 runs (read at trace time, like the switches above; benchmarks flip it between captures)."""
+QKV_NORM_FUSED = True
+"""``norm_qkv_rope_linear`` computes the layer's input norm inside the qkv launch (each
+program reduces the row's sum of squares itself, as the fused norm + router launch does)
+instead of a norm launch before it; read at trace time."""
 GATED_FUSED = True
 """``gated_linear`` computes ``silu(gate) * up`` inside the GEMV (one launch fewer in each
 gated MLP: the dense layer's and the shared experts'; bit-identical)."""
@@ -90,6 +94,7 @@ def qkv_rope_linear(
     rope: tuple[torch.Tensor, torch.Tensor],
     kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     impl: Impl = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The attention's qkv projection, rotary embedding and KV-cache write in one launch.
 
@@ -98,7 +103,9 @@ def qkv_rope_linear(
     (k_cache, v_cache, slot_mapping ``[M]``). Returns qkv ``[M, (Hq + 2 Hkv) D]`` with q and k
     rotated; the rotated k and v are in the cache. Same values as ``linear`` followed by
     ``kernels.rotary_embedding(q, k, rows, table, kv_write=...)``, which is also the path
-    taken where the GEMV is not (CPU, more than ``GEMV_MAX_M`` rows)."""
+    taken where the GEMV is not (CPU, more than ``GEMV_MAX_M`` rows).
+
+    ``norm``: only from ``norm_qkv_rope_linear``, which checks that the fused launch runs."""
     # M rows, D head dim
     table, rows = rope
     k_cache, v_cache, slots = kv_write
@@ -120,8 +127,10 @@ def qkv_rope_linear(
         assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
         assert slots.shape == rows.shape and slots.dtype == torch.int64, slots.dtype
         return qkv_rope_triton(
-            x, weight, bias, num_heads, num_kv_heads, table, rows, k_cache, v_cache, slots
-        )
+            x, weight, bias, num_heads, num_kv_heads, table, rows, k_cache, v_cache, slots,
+            norm=norm,
+        )  # fmt: skip
+    assert norm is None, "the norm rides only in the fused launch"
     from kernels.rotary import rotary_embedding
 
     qkv = linear(x, weight, bias, impl)
@@ -131,3 +140,42 @@ def qkv_rope_linear(
     v = v.view(-1, num_kv_heads, d)
     rotary_embedding(q, k, rows, table, impl=impl, kv_write=(v, k_cache, v_cache, slots))
     return qkv
+
+
+def norm_qkv_rope_linear(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    kv_write: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    impl: Impl = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kernels.rms_norm(h, norm_weight, eps, residual)`` then ``qkv_rope_linear`` on its
+    output: returns (qkv, residual_out = h + residual, or h without a residual). One launch
+    where the fused qkv launch runs (``QKV_NORM_FUSED``), with the norm's roundings."""
+    from kernels.rms_norm import rms_norm
+
+    d_in = h.shape[1]
+    fused = (QKV_NORM_FUSED or impl is not None) and (QKV_ROPE_FUSED or impl is not None)
+    if (
+        fused
+        and use_gemv(h, weight, impl)
+        and rope[0].shape[1] % 4 == 0
+        and (bias is None or bias.is_contiguous())
+        and norm_weight.shape == (d_in,)
+        and norm_weight.is_contiguous()
+        and (residual is None or (residual.shape == h.shape and residual.stride(1) == 1))
+    ):
+        res_out = h if residual is None else torch.empty_like(h)  # [M, K]
+        qkv = qkv_rope_linear(
+            h, weight, bias, num_heads, num_kv_heads, rope, kv_write, impl,
+            norm=(residual, norm_weight, eps, res_out),
+        )  # fmt: skip
+        return qkv, res_out
+    x, res_out = rms_norm(h, norm_weight, eps, residual, impl=impl)
+    return qkv_rope_linear(x, weight, bias, num_heads, num_kv_heads, rope, kv_write, impl), res_out

@@ -25,7 +25,7 @@ from engine.layers.streams import join
 from engine.parallel import current_tp, even_shard, kv_head_shard, padded_shard
 from kernels.attention_block import attention_block, use_attention_block
 from kernels.gemv import linear as small_m_linear
-from kernels.gemv import qkv_rope_linear
+from kernels.gemv import norm_qkv_rope_linear, qkv_rope_linear
 from kernels.rotary import rotary_embedding
 
 
@@ -66,10 +66,20 @@ class Attention(nn.Module):
                 x, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads,
                 rope, kv_write,
             )  # fmt: skip
-            q, k, v = self._heads(qkv)
-        else:  # quantized projection
-            q, k, v = self._heads(self.qkv_proj(x))
-            rotary_embedding(q, k, rows, table, kv_write=(v, *kv_write))
+            return self._attend(qkv, kv_cache, meta)
+        q, k, v = self._heads(self.qkv_proj(x))  # quantized projection
+        rotary_embedding(q, k, rows, table, kv_write=(v, *kv_write))
+        return self._attend((q, k, v), kv_cache, meta)
+
+    def _attend(
+        self,
+        qkv: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        # the rotated qkv `[T, (H + 2K) D]` (or its heads), k and v already in the cache ->
+        # the attention's output projection
+        q, k, v = self._heads(qkv) if isinstance(qkv, torch.Tensor) else qkv
         out = self.attn(q, k, v, kv_cache, meta, kv_written=True)  # [T, H, D]
         return self.tp.all_reduce(self.o_proj(out.flatten(1)))
 
@@ -98,6 +108,12 @@ class Attention(nn.Module):
                 (meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc),
                 self.attn.scale,
             )  # fmt: skip
+        if type(qkv) is MergedLinear:  # the norm inside the qkv launch where it runs
+            fused, residual = norm_qkv_rope_linear(
+                h, residual, norm.weight, norm.eps, qkv.weight, qkv.bias, self.num_heads,
+                self.num_kv_heads, rope, (*kv_cache, meta.slot_mapping),
+            )  # fmt: skip
+            return self._attend(fused, kv_cache, meta), residual
         if residual is None:
             x, residual = norm(h), h
         else:

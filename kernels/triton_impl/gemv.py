@@ -19,6 +19,7 @@ import triton.language as tl
 from kernels import _dispatch
 from kernels._dispatch import next_pow2, use_pdl
 from kernels.triton_impl.pdl import pdl_enter, pdl_launch, pdl_wait
+from kernels.triton_impl.rms_norm import add_residual, rms_apply, rms_rstd
 
 
 @dataclass(frozen=True)
@@ -75,21 +76,54 @@ def _w_chunk(w_rows, k0, mask_n, K, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _fma_chunk(
-    acc3, w, x_ptr, k0, offs_m, mask_m, K, stride_xm, BLOCK_K: tl.constexpr, GATED: tl.constexpr
-):
+    acc3, w, x_ptr, k0, offs_m, mask_m, K, stride_xm, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+    res_ptr=None, stride_rm=0, nw_ptr=None, rstd=1.0, NORM: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr = False,
+):  # fmt: skip
     # acc3 [M_PAD, BLOCK_N, BLOCK_K] += x[:, k0:k0 + BLOCK_K] * w, in fp32. GATED: x is
     # [gate | up] (K columns each) and the input is silu(gate) * up, rounded as
-    # kernels.triton_impl.activation's silu_and_mul rounds it
+    # kernels.triton_impl.activation's silu_and_mul rounds it. NORM: the input is
+    # rms_norm(x (+ res)) * nw with the rows' rstd [M_PAD, 1], rounded as `_rms_norm_kernel`
+    # rounds it
     offs_k = k0 + tl.arange(0, BLOCK_K)
     ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     mask = mask_m[:, None] & (offs_k < K)[None, :]
     x = tl.load(ptrs, mask=mask, other=0.0)  # [M_PAD, BLOCK_K]
+    if NORM:
+        if HAS_RESIDUAL:
+            res = tl.load(
+                res_ptr + offs_m[:, None] * stride_rm + offs_k[None, :], mask=mask, other=0.0
+            )
+            x = add_residual(x, res)
+        nw = tl.load(nw_ptr + offs_k, mask=offs_k < K, other=0.0)
+        x = rms_apply(x, rstd, nw[None, :])
     if GATED:
         up = tl.load(ptrs + K, mask=mask, other=0.0)
         g = x.to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
         x = (act * up.to(tl.float32)).to(x.dtype)
     return acc3 + x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _rows_rstd(
+    x_ptr, res_ptr, res_out_ptr, stride_xm, stride_rm, offs_m, eps, D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # fp32 [M_PAD, 1]: each row's rms rstd of h (+ res), reduced over one [next_pow2(D)] row
+    # as `_rms_norm_kernel` reduces it (bit-identical at its warp count); program 0 stores
+    # the rows of h + res in res_out
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    rstd = tl.zeros([M_PAD, 1], dtype=tl.float32) + 1.0
+    for m in tl.static_range(M):
+        h = tl.load(x_ptr + m * stride_xm + offs, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            h = add_residual(h, tl.load(res_ptr + m * stride_rm + offs, mask=mask, other=0.0))
+            if tl.program_id(0) == 0:
+                tl.store(res_out_ptr + m * D + offs, h, mask=mask)
+        rstd = tl.where(offs_m[:, None] == m, rms_rstd(h, eps, D), rstd)
+    return rstd
 
 
 @triton.jit
@@ -111,10 +145,21 @@ def _gemv_acc(
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
     GATED: tl.constexpr,
+    res_ptr=None,
+    stride_rm=0,
+    nw_ptr=None,
+    res_out_ptr=None,
+    eps=0.0,
+    NORM_D: tl.constexpr = 0,
+    HAS_RESIDUAL: tl.constexpr = False,
+    M: tl.constexpr = 1,
+    NORM_BLOCK: tl.constexpr = 1,
 ):
     # fp32 [M_PAD, BLOCK_N]: sum_k x[m, k] * w[n, k] (+ b[n]) for this program's rows of w.
     # Waits on the previous kernel (PDL) itself: the first PRELOAD (0-4) weight chunks are
-    # read before the wait (same products, same order: bit-identical).
+    # read before the wait (same products, same order: bit-identical). NORM_D (= K) > 0:
+    # x is h and the input rms_norm(h (+ res)) * nw (`_rows_rstd`); program 0 stores the
+    # rows of h + res in res_out.
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     acc3 = tl.zeros([M_PAD, BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PRELOAD >= 1:
@@ -126,21 +171,29 @@ def _gemv_acc(
     if PRELOAD >= 4:
         w3 = _w_chunk(w_rows, 3 * BLOCK_K, mask_n, K, BLOCK_K)
     pdl_wait(PDL)
+    NORM: tl.constexpr = NORM_D > 0
+    rstd = 1.0
+    if NORM:
+        rstd = _rows_rstd(
+            x_ptr, res_ptr, res_out_ptr, stride_xm, stride_rm, offs_m, eps, NORM_D,
+            HAS_RESIDUAL, M, M_PAD, NORM_BLOCK,
+        )  # fmt: skip
     if PRELOAD >= 1:
-        acc3 = _fma_chunk(acc3, w0, x_ptr, 0, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED)
+        acc3 = _fma_chunk(acc3, w0, x_ptr, 0, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED,
+                          res_ptr, stride_rm, nw_ptr, rstd, NORM, HAS_RESIDUAL)  # fmt: skip
     if PRELOAD >= 2:
-        acc3 = _fma_chunk(acc3, w1, x_ptr, BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED)
+        acc3 = _fma_chunk(acc3, w1, x_ptr, BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED,
+                          res_ptr, stride_rm, nw_ptr, rstd, NORM, HAS_RESIDUAL)  # fmt: skip
     if PRELOAD >= 3:
-        acc3 = _fma_chunk(
-            acc3, w2, x_ptr, 2 * BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED
-        )
+        acc3 = _fma_chunk(acc3, w2, x_ptr, 2 * BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K,
+                          GATED, res_ptr, stride_rm, nw_ptr, rstd, NORM, HAS_RESIDUAL)  # fmt: skip
     if PRELOAD >= 4:
-        acc3 = _fma_chunk(
-            acc3, w3, x_ptr, 3 * BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED
-        )
+        acc3 = _fma_chunk(acc3, w3, x_ptr, 3 * BLOCK_K, offs_m, mask_m, K, stride_xm, BLOCK_K,
+                          GATED, res_ptr, stride_rm, nw_ptr, rstd, NORM, HAS_RESIDUAL)  # fmt: skip
     for k0 in range(PRELOAD * BLOCK_K, K, BLOCK_K):  # reduced once, at the end
         w = _w_chunk(w_rows, k0, mask_n, K, BLOCK_K)
-        acc3 = _fma_chunk(acc3, w, x_ptr, k0, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED)
+        acc3 = _fma_chunk(acc3, w, x_ptr, k0, offs_m, mask_m, K, stride_xm, BLOCK_K, GATED,
+                          res_ptr, stride_rm, nw_ptr, rstd, NORM, HAS_RESIDUAL)  # fmt: skip
     acc = tl.sum(acc3, axis=2)  # [M_PAD, BLOCK_N]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -217,12 +270,21 @@ def _qkv_rope_kernel(
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
     EARLY_META: tl.constexpr,
+    res_ptr,
+    nw_ptr,
+    res_out_ptr,
+    stride_rm,
+    eps,
+    NORM_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,
 ):
     # The qkv projection y = [q | k | v] (as _gemv_kernel), then in registers: the rotary
     # embedding of the q and k columns (interleaved pairs (2j, 2j+1), angles from row
     # rows[m] of the step's cos|sin table) and the rotated k and the v columns written into
     # the paged cache at slot[m] (< 0: skip). BLOCK_N divides D, so a program's columns
-    # lie in one head: its pairs are whole and it is all q, all k or all v.
+    # lie in one head: its pairs are whole and it is all q, all k or all v. NORM_D > 0: x is
+    # h and the projection's input the layer's norm rms_norm(h (+ res)) * nw (`_gemv_acc`).
     pdl_launch(PDL)  # the wait is in _gemv_acc
     n0 = tl.program_id(0) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -243,7 +305,8 @@ def _qkv_rope_kernel(
         slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)  # [M_PAD] int64
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
-        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, False,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, False, res_ptr, stride_rm, nw_ptr,
+        res_out_ptr, eps, NORM_D, HAS_RESIDUAL, M, NORM_BLOCK,
     )  # fmt: skip
     y = acc.to(y_ptr.dtype.element_ty)  # rounded as the linear's output is, then rotated
     a, b = tl.split(tl.reshape(y.to(tl.float32), [M_PAD, half, 2]))  # even, odd columns
@@ -338,10 +401,23 @@ def qkv_rope_triton(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     tiles: GemvTiles | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Shapes are checked by ``kernels.gemv.qkv_rope_linear``; returns ``[M, N]``."""
+    """Shapes are checked by ``kernels.gemv.qkv_rope_linear``; returns ``[M, N]``.
+
+    norm = (residual ``[M, K]`` or None, weight ``[K]``, eps, res_out ``[M, K]``): x is h and
+    the projection's input ``rms_norm(h + residual) * weight`` (as ``kernels.rms_norm``
+    rounds it); ``h + residual`` is stored in res_out."""
     # M rows, K in, N = (Hq + 2 Hkv) D out
     m, k = x.shape
+    residual, norm_weight, eps, res_out = norm or (None, x, 0.0, x)  # x: placeholders
+    if norm is not None:
+        assert norm_weight.shape == (k,) and norm_weight.is_contiguous(), norm_weight.shape
+        assert res_out.shape == x.shape and res_out.is_contiguous(), res_out.shape
+        if residual is not None:
+            assert residual.shape == x.shape and residual.dtype == x.dtype, residual.shape
+            assert residual.stride(1) == 1, residual.stride()
+    res = x if residual is None else residual
     n = weight.shape[0]
     d = table.shape[1]
     tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
@@ -376,6 +452,14 @@ def qkv_rope_triton(
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         EARLY_META=QKV_EARLY_META,
+        res_ptr=res,
+        nw_ptr=norm_weight,
+        res_out_ptr=res_out,
+        stride_rm=res.stride(0),
+        eps=eps,
+        NORM_D=k if norm is not None else 0,
+        HAS_RESIDUAL=residual is not None,
+        NORM_BLOCK=next_pow2(k) if norm is not None else 1,
         launch_pdl=pdl,
     )
     return y

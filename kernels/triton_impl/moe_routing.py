@@ -31,10 +31,14 @@ def _route_token(
     K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    RANKED: tl.constexpr = False,
 ):
-    # Token t's logits x [BLOCK_E] (-inf past E): softmax over E, top-k of (probs + bias) by
-    # repeated argmax (descending, first index on ties, as torch.topk), renormalise the
-    # unbiased probs, store k weights and ids.
+    # Token t's logits x [BLOCK_E] (-inf past E): softmax over E, top-k of (probs + bias)
+    # (descending, first index on ties, as torch.topk), renormalise the unbiased probs,
+    # store k weights and ids. Top-k by K rounds of argmax (2K reductions in a row), or
+    # RANKED: every expert's rank (how many experts beat it: a higher score, or the same at a
+    # lower index) in one [E, E] comparison, and slot j takes the expert ranked j (2 more
+    # reductions, all independent). The same experts in the same slots with the same weights.
     x = x.to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = p / tl.sum(p, axis=0)  # [BLOCK_E] softmax; 0 past E
@@ -43,14 +47,24 @@ def _route_token(
         score = p + tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
     score = tl.where(mask_e, score, float("-inf"))
     offs_k = tl.arange(0, BLOCK_K)
-    w = tl.zeros([BLOCK_K], dtype=tl.float32)
-    ids = tl.zeros([BLOCK_K], dtype=tl.int32)
-    for j in tl.static_range(K):
-        best = tl.argmax(score, axis=0)
-        pick = offs_e == best
-        w = tl.where(offs_k == j, tl.sum(tl.where(pick, p, 0.0), axis=0), w)
-        ids = tl.where(offs_k == j, best.to(tl.int32), ids)
-        score = tl.where(pick, float("-inf"), score)
+    if RANKED:
+        beats = (score[None, :] > score[:, None]) | (
+            (score[None, :] == score[:, None]) & (offs_e[None, :] < offs_e[:, None])
+        )  # [BLOCK_E, BLOCK_E]: expert j (columns) ranks above expert i (rows)
+        rank = tl.sum(beats.to(tl.int32), axis=1)  # [BLOCK_E], a permutation of 0..BLOCK_E-1
+        slot = rank[None, :] == offs_k[:, None]  # [BLOCK_K, BLOCK_E]: one expert per slot
+        w = tl.sum(tl.where(slot, p[None, :], 0.0), axis=1)
+        ids = tl.sum(tl.where(slot, offs_e[None, :], 0), axis=1).to(tl.int32)
+        w = tl.where(offs_k < K, w, 0.0)
+    else:
+        w = tl.zeros([BLOCK_K], dtype=tl.float32)
+        ids = tl.zeros([BLOCK_K], dtype=tl.int32)
+        for j in tl.static_range(K):
+            best = tl.argmax(score, axis=0)
+            pick = offs_e == best
+            w = tl.where(offs_k == j, tl.sum(tl.where(pick, p, 0.0), axis=0), w)
+            ids = tl.where(offs_k == j, best.to(tl.int32), ids)
+            score = tl.where(pick, float("-inf"), score)
     w = w / tl.maximum(tl.sum(w, axis=0), norm_min)
     mask_k = offs_k < K
     tl.store(weights_ptr + t * K + offs_k, w, mask=mask_k)
@@ -197,6 +211,7 @@ def _gate_route_kernel(
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
     LATE_LAUNCH: tl.constexpr,
+    RANKED: tl.constexpr,
 ):
     # Grid (T, NPROG): program (t, c) computes the fp32 logits of experts
     # [c*E_PER, (c+1)*E_PER) for token t from the bf16/fp32 hidden row (upcast in registers,
@@ -274,9 +289,17 @@ def _gate_route_kernel(
         mask = offs < E
         x = tl.load(logits_ptr + t * E + offs, mask=mask, other=float("-inf"), volatile=True)
         _route_token(
-            x, offs, mask, bias_ptr, weights_ptr, ids_ptr, t, norm_min, K, HAS_BIAS, BLOCK_K
-        )
+            x, offs, mask, bias_ptr, weights_ptr, ids_ptr, t, norm_min, K, HAS_BIAS, BLOCK_K,
+            RANKED,
+        )  # fmt: skip
 
+
+TOPK_RANKED = False
+"""The fused router's last program picks the top-k by ranking every expert at once (one
+[E, E] comparison) instead of k rounds of argmax, each two reductions across its warps in a
+row. Same experts, slots and weights."""
+TOPK_RANKED_MAX_EXPERTS = 128
+"""Above this many experts (padded) the [E, E] comparison is too many registers: argmax."""
 
 GATE_ROUTE_MAX_TOKENS = 4
 """Decode sizes: one launch for the router GEMV and the routing. H100, 28B shapes, graph
@@ -435,6 +458,7 @@ def _launch(
         PDL=pdl,
         PRELOAD=_dispatch.preload_chunks(d, block_d, depth=ROUTER_PRELOAD),
         LATE_LAUNCH=LATE_LAUNCH,
+        RANKED=TOPK_RANKED and next_pow2(e) <= TOPK_RANKED_MAX_EXPERTS,
         num_warps=num_warps,
         launch_pdl=pdl,
     )

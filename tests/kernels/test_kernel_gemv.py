@@ -256,6 +256,56 @@ def test_qkv_rope_matches_linear_then_rotary(
 
 @needs_triton
 @pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norm_in_the_qkv_launch_is_bit_identical(m: int, with_residual: bool) -> None:
+    """The layer's input norm inside the qkv launch equals the norm launch then the qkv
+    launch, bit for bit: qkv, the cache rows and the residual stream out."""
+    from engine.layers.rotary import TextRotary
+    from kernels.gemv import norm_qkv_rope_linear, qkv_rope_linear
+    from kernels.rms_norm import rms_norm
+    from kernels.triton_impl.gemv import GemvTiles, qkv_rope_triton
+
+    hq, hkv, d, k_in, bs = 3, 1, 16, 72, 4  # K = 72: a ragged last chunk and norm block
+    n = (hq + 2 * hkv) * d
+    h = torch.randn(m, k_in, dtype=torch.float16) * 3
+    res = torch.randn(m, k_in, dtype=torch.float16) if with_residual else None
+    nw = (torch.rand(k_in) + 0.5).half()
+    w = (torch.randn(n, k_in) / k_in**0.5).half()
+    b = torch.randn(n).half()
+    rope = TextRotary(d, 10000.0, (2, 2, 4)).step_table(
+        torch.tensor([[7, 30, 2], [5, 31, 2], [9, 29, 2]])[:, :m]
+    )
+    slots = torch.tensor([3, -1, 17])[:m]
+
+    def caches() -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(5, bs, hkv, d).half(), torch.zeros(5, bs, hkv, d).half()
+
+    x, want_res = rms_norm(h, nw, 1e-5, res, impl="triton")
+    for tiles in (None, GemvTiles(4, 32, 2)):  # each its own GEMV sum order
+        kc_ref, vc_ref = caches()
+        want = qkv_rope_triton(x, w, b, hq, hkv, *rope, kc_ref, vc_ref, slots, tiles)
+        kc, vc = caches()
+        res_out = h if res is None else torch.empty_like(h)
+        got = qkv_rope_triton(
+            h, w, b, hq, hkv, *rope, kc, vc, slots, tiles, norm=(res, nw, 1e-5, res_out)
+        )
+        assert torch.equal(got, want) and torch.equal(res_out, want_res)
+        assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and kc.abs().sum() > 0
+    # the public entry: fused at one row with triton, else the norm then qkv_rope_linear
+    for impl in ("triton", "torch"):
+        kc, vc = caches()
+        got, got_res = norm_qkv_rope_linear(
+            h, res, nw, 1e-5, w, b, hq, hkv, rope, (kc, vc, slots), impl=impl
+        )
+        x_i, res_i = rms_norm(h, nw, 1e-5, res, impl=impl)
+        kc_i, vc_i = caches()
+        want_i = qkv_rope_linear(x_i, w, b, hq, hkv, rope, (kc_i, vc_i, slots), impl=impl)
+        assert torch.equal(got, want_i) and torch.equal(got_res, res_i) and torch.equal(kc, kc_i)
+        assert (got_res is h) == (res is None)
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [1, 3])
 def test_qkv_rope_early_meta_is_bit_identical(monkeypatch, m: int) -> None:
     """Positions, cos|sin rows and slots read before the PDL wait (QKV_EARLY_META) or after
     the sums: the same output and the same cache, bit for bit."""

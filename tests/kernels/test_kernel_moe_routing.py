@@ -48,6 +48,32 @@ def test_gate_route_kernel_matches_cublas_then_route(t, e, d, k, dtype) -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize(("t", "e", "k"), [(1, 64, 6), (4, 7, 3), (2, 9, 8)])
+def test_gate_route_ranked_top_k_is_bit_identical(monkeypatch, t: int, e: int, k: int) -> None:
+    """The router's top-k by ranking every expert at once picks the same experts in the same
+    slots with the same weights as k rounds of argmax, ties included (first index wins), and
+    without ties the same as torch."""
+    import kernels.triton_impl.moe_routing as mr
+
+    g = torch.Generator().manual_seed(e * 10 + k)
+    for tied in (False, True):
+        w = torch.randn(e, 16, generator=g) * 0.05
+        if tied:
+            w[1::2] = w[0::2][: e // 2]  # pairs of equal logits: ties to break by index
+        x = torch.randn(t, 16, generator=g)
+        for bias in (None, torch.rand(e, generator=g) * 0.2):
+            outs = []
+            for ranked in (False, True):
+                monkeypatch.setattr(mr, "TOPK_RANKED", ranked)
+                outs.append(mr.gate_route_triton(x, w, k, bias, 1e-12))
+            assert torch.equal(outs[0][1], outs[1][1]) and torch.equal(outs[0][0], outs[1][0])
+            if not tied:  # torch.topk orders tied experts either way
+                want_w, want_ids = gate_route(x, w, k, bias, impl="torch")
+                assert torch.equal(outs[1][1], want_ids)
+                torch.testing.assert_close(outs[1][0], want_w, atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
 @pytest.mark.parametrize(
     ("t", "k", "e", "block_m"), [(1, 6, 64, 16), (13, 2, 5, 4), (40, 3, 8, 16)]
 )
