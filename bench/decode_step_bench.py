@@ -191,6 +191,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk-ranked": {_RANKED: True},  # the router's top-k by one ranking, not k argmax rounds
     "-topk-ranked": {_RANKED: False},
     "-qkv-norm": {_QKV_NORM: False},  # the layer's input norm as its own launch before qkv
+    # more of o_proj's / qkv's weight rows read before the PDL wait (the whole row: one
+    # round trip after it)
+    "o-pre3": _gemv(2, 1024, 4, 3, None, 3, shapes=_QKV_O[1:]),
+    "o-2x512-2w-pre4": _gemv(2, 512, 2, 3, None, 4, shapes=_QKV_O[1:]),
+    "qkv-pre4": _gemv(4, 512, 4, 3, None, 4, shapes=_QKV_O[:1]),
     "tiles-before": _TILES_BEFORE,
     # and with the router as it was too (2 experts a program, 2 chunks before its wait)
     "before-12-03": {
@@ -259,6 +264,9 @@ EXACT = {
     "topk-ranked",
     "-topk-ranked",
     "-qkv-norm",
+    "o-pre3",
+    "o-2x512-2w-pre4",
+    "qkv-pre4",
 }  # launch switches only: logits must be bit-identical
 
 

@@ -29,6 +29,7 @@ class GemvTiles:
     num_warps: int = 4
     num_stages: int = 3
     preload: int | None = None  # cap on _dispatch.PDL_PRELOAD (weight chunks before the wait)
+    depth: int | None = None  # chunks before the wait instead of PDL_PRELOAD (then capped)
 
 
 # (M, N, K) -> tiles where measured better than the heuristic; else the heuristic. 28B shapes,
@@ -380,7 +381,7 @@ def gemv_triton(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         PDL=pdl,
-        PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload),
+        PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload, tiles.depth),
         GATED=gated,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
@@ -448,7 +449,7 @@ def qkv_rope_triton(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         PDL=pdl,
-        PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload),
+        PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload, tiles.depth),
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         EARLY_META=QKV_EARLY_META,
