@@ -245,6 +245,16 @@ def _gemv_kernel(
 
 
 @triton.jit
+def _rope_trig(table_ptr, rows_ptr, offs_m, mask_m, pair, trig_mask, D: tl.constexpr):
+    # fp32 cos, sin [M_PAD, half]: the frequencies `pair` of row rows[m] of the cos|sin table
+    row = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)  # [M_PAD]
+    trig = table_ptr + row[:, None] * D + pair[None, :]  # [M_PAD, half]
+    return tl.load(trig, mask=trig_mask, other=1.0), tl.load(
+        trig + D // 2, mask=trig_mask, other=0.0
+    )
+
+
+@triton.jit
 def _qkv_rope_kernel(
     x_ptr,
     w_ptr,
@@ -299,10 +309,7 @@ def _qkv_rope_kernel(
     pair = (n0 % D) // 2 + tl.arange(0, half)  # [half] frequency index of each pair
     trig_mask = mask_m[:, None] & (pair < D // 2)[None, :]
     if EARLY_META:
-        row = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)  # [M_PAD]
-        trig = table_ptr + row[:, None] * D + pair[None, :]  # [M_PAD, half]
-        cos = tl.load(trig, mask=trig_mask, other=1.0)
-        sin = tl.load(trig + D // 2, mask=trig_mask, other=0.0)
+        cos, sin = _rope_trig(table_ptr, rows_ptr, offs_m, mask_m, pair, trig_mask, D)
         slot = tl.load(slot_ptr + offs_m, mask=mask_m, other=-1)  # [M_PAD] int64
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
@@ -312,10 +319,7 @@ def _qkv_rope_kernel(
     y = acc.to(y_ptr.dtype.element_ty)  # rounded as the linear's output is, then rotated
     a, b = tl.split(tl.reshape(y.to(tl.float32), [M_PAD, half, 2]))  # even, odd columns
     if not EARLY_META:
-        row = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)  # [M_PAD]
-        trig = table_ptr + row[:, None] * D + pair[None, :]  # [M_PAD, half]
-        cos = tl.load(trig, mask=trig_mask, other=1.0)
-        sin = tl.load(trig + D // 2, mask=trig_mask, other=0.0)
+        cos, sin = _rope_trig(table_ptr, rows_ptr, offs_m, mask_m, pair, trig_mask, D)
     ra = a * cos - b * sin
     rb = b * cos + a * sin
     rot = tl.reshape(tl.join(ra, rb), [M_PAD, BLOCK_N]).to(y_ptr.dtype.element_ty)
