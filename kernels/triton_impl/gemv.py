@@ -422,6 +422,9 @@ def qkv_rope_triton(
         if residual is not None:
             assert residual.shape == x.shape and residual.dtype == x.dtype, residual.shape
             assert residual.stride(1) == 1, residual.stride()
+            # program 0 stores h + residual while the others still read h and residual
+            ptrs = (x.data_ptr(), residual.data_ptr())
+            assert res_out.data_ptr() not in ptrs, "res_out must not alias h or residual"
     res = x if residual is None else residual
     n = weight.shape[0]
     d = table.shape[1]

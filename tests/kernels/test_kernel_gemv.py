@@ -257,9 +257,11 @@ def test_qkv_rope_matches_linear_then_rotary(
 @needs_triton
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_in_the_qkv_launch_is_bit_identical(m: int, with_residual: bool) -> None:
+def test_norm_in_the_qkv_launch_is_bit_identical(monkeypatch, m: int, with_residual: bool) -> None:
     """The layer's input norm inside the qkv launch equals the norm launch then the qkv
-    launch, bit for bit: qkv, the cache rows and the residual stream out."""
+    launch, bit for bit: qkv, the cache rows and the residual stream out. The public entry
+    takes the fused launch at one row with triton, and only there."""
+    import kernels.triton_impl.gemv as gemv_impl
     from engine.layers.rotary import TextRotary
     from kernels.gemv import norm_qkv_rope_linear, qkv_rope_linear
     from kernels.rms_norm import rms_norm
@@ -291,12 +293,27 @@ def test_norm_in_the_qkv_launch_is_bit_identical(m: int, with_residual: bool) ->
         )
         assert torch.equal(got, want) and torch.equal(res_out, want_res)
         assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref) and kc.abs().sum() > 0
+    if res is not None:  # program 0 stores res_out while the others read h and residual
+        for alias in (h, res):
+            with pytest.raises(AssertionError, match="alias"):
+                norm = (res, nw, 1e-5, alias)
+                qkv_rope_triton(h, w, b, hq, hkv, *rope, *caches(), slots, norm=norm)
     # the public entry: fused at one row with triton, else the norm then qkv_rope_linear
+    fused_calls = []
+    real = gemv_impl.qkv_rope_triton
+
+    def counting(*a, norm=None, **kw):
+        fused_calls.append(norm is not None)
+        return real(*a, norm=norm, **kw)
+
+    monkeypatch.setattr(gemv_impl, "qkv_rope_triton", counting)
     for impl in ("triton", "torch"):
         kc, vc = caches()
+        fused_calls.clear()
         got, got_res = norm_qkv_rope_linear(
             h, res, nw, 1e-5, w, b, hq, hkv, rope, (kc, vc, slots), impl=impl
         )
+        assert (True in fused_calls) == (impl == "triton" and m == 1), fused_calls
         x_i, res_i = rms_norm(h, nw, 1e-5, res, impl=impl)
         kc_i, vc_i = caches()
         want_i = qkv_rope_linear(x_i, w, b, hq, hkv, rope, (kc_i, vc_i, slots), impl=impl)
