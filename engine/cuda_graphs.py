@@ -151,11 +151,14 @@ class DecodeGraphs:
         slots: list[int],
         seq_lens: list[int],
         tables: list[list[int]],
+        device_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One decode token per sequence -> logits `[n, V]` (a view, valid until the next run).
 
         positions `[position_rows, n]` (or `[n]`), or one int per sequence for text rows
-        (the same on every position row); tables: each sequence's block ids."""
+        (the same on every position row); tables: each sequence's block ids. `device_ids`
+        `[n]` (int64, on the device) replaces `ids`: copied in on the stream, after the
+        host rows, so the step can take tokens the host has not read back yet."""
         n = len(ids)
         b = self.bucket(n)
         width = max(map(len, tables))
@@ -174,6 +177,8 @@ class DecodeGraphs:
         if n < b:
             self._pad_inputs(n, b)
         self.packed.copy_(self.host, non_blocking=True)  # one contiguous copy of a few KB
+        if device_ids is not None:
+            self.packed[0, :n].copy_(device_ids)
         # Entries past a sequence's blocks stay stale: the kernels never read them.
         block_table(tables, width, self.host_tables_np[: n * width].reshape(n, width))
         staged = self.host_tables[: n * width].view(n, width)

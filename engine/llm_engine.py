@@ -4,6 +4,13 @@
 flat batch, samples the rows that finished their prompt (or decode), applies stop
 conditions and returns what changed. `abort` frees a request at any point. Single
 threaded: a server drives it from one thread.
+
+Async scheduling (`EngineArgs.async_scheduling`, on by default): when every request of a
+step decodes and nothing else waits, `step` launches the next step before it reads this
+one's tokens, feeding it the sampled ids on the device; the host then appends, checks stops
+and returns while the GPU computes. Rows of requests that ended meanwhile (EOS, abort, a
+stop string) compute one token nobody reads: their blocks go back to the pool at once,
+which is safe because every later use of a block is queued behind that step on the stream.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from engine.models import ErnieModel, build_random_model, load_model
 from engine.multimodal import MediaInput, PreparedPrompt, prepare_prompt
 from engine.parallel import check_tp_size, use_tp
 from engine.request import Request, RequestOutput, RequestStatus
-from engine.sampler import RequestSamplingState, Sampler
+from engine.sampler import LogprobsTensors, RequestSamplingState, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from engine.tp_executor import TPModelRunner, TPWorkers, tp_devices
@@ -66,6 +73,12 @@ class EngineArgs:
     or CPU processes on the CPU. Rank 0 runs in this process, the others are workers
     (`shutdown()` stops them). With load_format "dummy" each rank draws its own slice's
     random weights, so the model is not the one-rank model's values split."""
+    async_scheduling: bool = True
+    """Launch the next decode step before the host reads this one's tokens (it takes them
+    from the device), so the host's per-step work runs while the GPU computes. Only for
+    steps where every request decodes and none needs its history to sample (greedy or
+    unseeded random, no penalties, min_tokens reached, no reasoning budget), nothing is
+    waiting, and one rank; otherwise steps run one at a time. Tokens are the same."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -200,6 +213,9 @@ class LLMEngine:
         """Dims of the positions the runner builds for `StepSequence.positions=None`."""
         self.think_end_id = self.tokenizer.token_to_id("</think>")
         self.think_start_id = self.tokenizer.token_to_id("<think>")
+        self.async_scheduling = args.async_scheduling and args.tensor_parallel_size == 1
+        self._inflight: _Launched | None = None
+        """The step launched ahead (async scheduling), its tokens still on the device."""
 
     def _start_tensor_parallel(self, args: EngineArgs) -> int:
         """Check the split, start ranks 1..N-1, load rank 0 here; the number of blocks."""
@@ -352,34 +368,132 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """One scheduled step. `before_run(plan)` returns the KV blocks `after_layer` will
         read at every layer (a tensor-parallel runner gathers their heads from every rank
-        first)."""
-        plan = self.scheduler.schedule()
-        self.last_preempted = plan.preempted
-        if plan.is_empty:
-            return []
-        step_sequence = self._step_sequence
-        seqs = [step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)]
-        export = before_run(plan) if before_run is not None else None
-        hook = None if after_layer is None else (lambda i: after_layer(plan, i))
-        logits = self.runner.run(seqs, hook, export)
-        done = [r for r, lg in zip(plan.requests, logits, strict=True) if lg.shape[0] > 0]
-        outputs = []
-        cache_blocks = self.kv.cache_blocks
-        for req, n in zip(plan.requests, plan.num_tokens, strict=True):
-            req.num_computed_tokens += n
-            cache_blocks(req, req.num_computed_tokens)
-        if done:
-            rows = _stack_rows(logits) if len(done) == len(logits) else None
-            if rows is None:
-                rows = torch.cat([lg for lg in logits if lg.shape[0] > 0])
-            sampled = self.sampler(rows, [r.sampling for r in done])
-            tokens = sampled.sampled_token_ids.tolist()
-            append, lp = self._append, sampled.logprobs
-            outputs = [
-                append(req, tok, lp, i)
-                for i, (req, tok) in enumerate(zip(done, tokens, strict=True))
+        first).
+
+        With async scheduling a step may already be on the device (launched by the last
+        call): then this call launches the one after it, if it can, and returns the first
+        one's outputs. A request aborted or stopped meanwhile gets no more outputs."""
+        launched, self._inflight = self._inflight, None
+        if launched is not None and all(r.status.is_finished for r in launched.requests):
+            launched = None  # every row of it ended meanwhile: nothing to report
+        if launched is None:
+            plan = self.scheduler.schedule()
+            self.last_preempted = plan.preempted
+            if plan.is_empty:
+                return []
+            step_sequence = self._step_sequence
+            seqs = [
+                step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
             ]
-        return outputs
+            export = before_run(plan) if before_run is not None else None
+            hook = None if after_layer is None else (lambda i: after_layer(plan, i))
+            logits = self.runner.run(seqs, hook, export)
+            for req, n in zip(plan.requests, plan.num_tokens, strict=True):
+                req.num_computed_tokens += n
+            launched = self._sample(plan.requests, logits)
+        else:
+            self.last_preempted = []
+        if self.async_scheduling and after_layer is None and before_run is None:
+            self._inflight = self._launch_next(launched)
+        return self._resolve(launched)
+
+    def _sample(self, requests: list[Request], logits: list[torch.Tensor]) -> _Launched:
+        """Sample the rows that asked for logits; the tokens start their way to the host."""
+        done = [r for r, lg in zip(requests, logits, strict=True) if lg.shape[0] > 0]
+        if not done:
+            return _Launched(requests, done)
+        rows = _stack_rows(logits) if len(done) == len(logits) else None
+        if rows is None:
+            rows = torch.cat([lg for lg in logits if lg.shape[0] > 0])
+        sampled = self.sampler(rows, [r.sampling for r in done])
+        tokens = sampled.sampled_token_ids
+        host, ready = tokens, None
+        if tokens.is_cuda:  # a pinned copy and an event: reading it waits for this step only
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Launched(requests, done, tokens, host, ready, sampled.logprobs)
+
+    def _resolve(self, launched: _Launched) -> list[RequestOutput]:
+        """Wait for a launched step's tokens; register full blocks; append; outputs."""
+        cache_blocks = self.kv.cache_blocks
+        for req in launched.requests:
+            if not req.status.is_finished:
+                cache_blocks(req, req.num_computed_tokens)
+        if not launched.done:
+            return []
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        tokens = launched.host.tolist()
+        append, lp = self._append, launched.logprobs
+        return [
+            append(req, tok, lp, i)
+            for i, (req, tok) in enumerate(zip(launched.done, tokens, strict=True))
+            if not req.status.is_finished
+        ]
+
+    def _launch_next(self, launched: _Launched) -> _Launched | None:
+        """Launch the decode step after `launched` before its tokens reach the host: every
+        request of it that goes on decodes the token it sampled, read on the device. None
+        when this step cannot be planned without them (see `EngineArgs.async_scheduling`):
+        the next call schedules as usual."""
+        done = launched.done
+        if not done or len(done) != len(launched.requests) or self.scheduler.waiting:
+            return None  # a prompt chunk left without a token, or new requests: schedule
+        live = [r for r in done if not r.status.is_finished]
+        if len(live) != len(self.scheduler.running):
+            return None  # a request joined (disaggregated decode) or finished meanwhile
+        # `launched`'s token is not appended yet: a request goes on if it may take two more
+        rows = [
+            i
+            for i, r in enumerate(done)
+            if not r.status.is_finished and len(r.output_token_ids) + 2 <= r.max_tokens
+        ]
+        reqs = [done[i] for i in rows]
+        if not reqs or not all(self._async_ok(r) for r in reqs):
+            return None
+        if not self.kv.can_append_slot([r.request_id for r in reqs]):
+            return None  # the pool is short: the scheduler preempts
+        seqs = []
+        delta = self._position_dims == 2
+        for r in reqs:
+            slots = self.kv.allocate_slots(r, 1)
+            assert slots is not None
+            start = r.num_computed_tokens
+            seqs.append(
+                StepSequence(
+                    token_ids=[0],  # a placeholder: the ids come from the device
+                    positions=None,
+                    num_computed=start,
+                    block_ids=self.kv.block_ids(r.request_id),
+                    logits="last",
+                    text_position=start + (r.prompt.delta if delta else 0),
+                )
+            )
+        ids = launched.tokens
+        assert ids is not None
+        if len(rows) != len(done):
+            index = torch.tensor(rows, dtype=torch.long)
+            if ids.is_cuda:
+                index = index.pin_memory()
+            ids = ids[index.to(ids.device, non_blocking=True)]
+        logits = self.runner.run(seqs, token_ids=ids)
+        for r in reqs:
+            r.num_computed_tokens += 1
+        return self._sample(reqs, logits)
+
+    def _async_ok(self, req: Request) -> bool:
+        """Whether the request's next token can be sampled before its last one is known:
+        nothing the sampler reads for it depends on the output so far."""
+        p = req.params
+        return (
+            (p.is_greedy or p.seed is None)
+            and not p.has_penalties
+            and len(req.output_token_ids) >= p.min_tokens
+            and p.reasoning_max_tokens is None
+            and req.prompt.positions.dim() == self._position_dims
+        )
 
     def _step_sequence(self, req: Request, n: int) -> StepSequence:
         start = req.num_computed_tokens
@@ -453,6 +567,18 @@ class LLMEngine:
     @property
     def config(self) -> ModelConfig:
         return self.model_config
+
+
+@dataclass
+class _Launched:
+    """A step on the device: its requests, and the tokens of those that sampled one."""
+
+    requests: list[Request]
+    done: list[Request]  # the requests that sampled a token, in row order
+    tokens: torch.Tensor | None = None  # [len(done)] int64 on the device
+    host: torch.Tensor | None = None  # the same, on its way to the host (pinned on CUDA)
+    ready: torch.cuda.Event | None = None  # recorded after the copy to `host` (CUDA)
+    logprobs: LogprobsTensors | None = None
 
 
 def _stack_rows(logits: list[torch.Tensor]) -> torch.Tensor | None:

@@ -116,17 +116,29 @@ class ModelRunner:
         seqs: list[StepSequence],
         after_layer: Callable[[int], None] | None = None,
         export_blocks: list[int] | None = None,
+        token_ids: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Run the step; return per sequence the logits `[k, V]` it asked for (k may be 0).
 
         `after_layer(i)` is called once layer i's KV is in the cache (KV streaming). Pure
         decode steps without it replay a CUDA graph (logits then view the graph's output
         buffer: consume them before the next step). `export_blocks`: the blocks the hook
-        reads (a tensor-parallel runner gathers them; here they are in this cache)."""
+        reads (a tensor-parallel runner gathers them; here they are in this cache).
+        `token_ids`: the step's flat input ids `[T]` on the device, in place of the
+        sequences' own (the previous step's sampled tokens, not yet on the host: async
+        scheduling); the sequences' `token_ids` then only count the rows."""
+        if token_ids is not None:
+            n = sum(len(s.token_ids) for s in seqs)
+            assert token_ids.shape == (n,) and token_ids.device.type == self.device.type, (
+                tuple(token_ids.shape),
+                n,
+            )
         if after_layer is None and self._graphable(seqs):
-            return self._run_graph(seqs)
+            return self._run_graph(seqs, token_ids)
         dev = self.device
-        ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
+        ids = token_ids
+        if ids is None:
+            ids = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long, device=dev)
         positions = self._positions(seqs)
         meta = self._metadata(seqs)
         embeds, vision = self._embeddings(seqs, ids)
@@ -164,7 +176,9 @@ class ModelRunner:
                 return False
         return True
 
-    def _run_graph(self, seqs: list[StepSequence]) -> list[torch.Tensor]:
+    def _run_graph(
+        self, seqs: list[StepSequence], token_ids: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         assert self.graphs is not None
         bs = self.block_size
         ids, slots, lens, tables = [], [], [], []
@@ -180,7 +194,7 @@ class ModelRunner:
         else:
             rows = self.position_rows
             positions = torch.cat([s.position_tensor(rows).reshape(-1, 1) for s in seqs], dim=1)
-        logits = self.graphs.run(ids, positions, slots, lens, tables)  # [n, V]
+        logits = self.graphs.run(ids, positions, slots, lens, tables, token_ids)  # [n, V]
         if all(s.logits != "none" for s in seqs):
             return list(logits.split(1))
         return [logits[i : i + (s.logits != "none")] for i, s in enumerate(seqs)]

@@ -179,10 +179,10 @@ class _BatchParams:
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             temperature=_tensor([1.0 if p.is_greedy else p.temperature for p in params], device),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+            top_k=_index(top_k, device),
             top_p=_tensor([p.top_p for p in params], device),
             min_p=_tensor([p.min_p for p in params], device),
-            greedy=torch.tensor([p.is_greedy for p in params], dtype=torch.bool, device=device),
+            greedy=_on_device([p.is_greedy for p in params], torch.bool, device),
             any_random=not all(p.is_greedy for p in params),
             any_top_k=any(k < vocab_size for k in top_k),
             any_top_p=any(p.top_p < 1.0 for p in params),
@@ -410,9 +410,19 @@ def _token_counts(flat_ids: torch.Tensor, lengths: Sequence[int], vocab_size: in
     return counts[:, :vocab_size]
 
 
+def _on_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device`. On CUDA through pinned memory without a stream sync
+    (a pageable copy waits for the queued work), so sampling a step does not wait for the
+    step (the engine's async scheduling launches the next step before reading tokens)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device)
+    return _on_device(values, torch.float32, device)
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
+    return _on_device(values, torch.int64, device)

@@ -207,6 +207,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "int8) or wint4 (int4 in groups of 128); the vision tower stays unquantized",
     )
     g.add_argument(
+        "--no-async-scheduling",
+        dest="async_scheduling",
+        action="store_false",
+        help="step decode one step at a time: the host reads each step's tokens before it "
+        "launches the next (default: the next decode step is launched first, so the host's "
+        "per-step work runs while the GPU computes; same tokens)",
+    )
+    g.add_argument(
         "--reasoning-parser",
         choices=("ernie-45-vl",),
         default="ernie-45-vl",

@@ -48,6 +48,7 @@ def engine_args(args: argparse.Namespace, device: str, dtype: str) -> EngineArgs
         num_kv_blocks=getattr(args, "num_kv_blocks", None),
         quantization=args.quantization,
         tensor_parallel_size=args.tensor_parallel_size,
+        async_scheduling=getattr(args, "async_scheduling", True),
     )
 
 
@@ -167,6 +168,8 @@ def _engine_flags(args: argparse.Namespace, device: str, dtype: str) -> list[str
         flags += ["--quantization", args.quantization]
     if args.tensor_parallel_size > 1:
         flags += ["--tensor-parallel-size", str(args.tensor_parallel_size)]
+    if not getattr(args, "async_scheduling", True):
+        flags.append("--no-async-scheduling")
     return flags
 
 

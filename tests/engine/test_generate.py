@@ -96,8 +96,10 @@ def run_engine(path, prompts, stagger: bool, **kw) -> tuple[list[list[int]], LLM
         dict(enable_prefix_caching=False, enable_chunked_prefill=False),
         dict(max_num_batched_tokens=7),  # long prompts prefilled in chunks
         dict(num_kv_blocks=12, max_num_batched_tokens=16),  # forces preemption
+        dict(async_scheduling=True),
+        dict(async_scheduling=True, num_kv_blocks=12, max_num_batched_tokens=16),
     ],
-    ids=["default", "no_cache_no_chunk", "chunked", "preempt"],
+    ids=["default", "no_cache_no_chunk", "chunked", "preempt", "async", "async_preempt"],
 )
 @pytest.mark.parametrize("stagger", [False, True], ids=["together", "staggered"])
 def test_greedy_matches_hf_generate(vl, kw, stagger):

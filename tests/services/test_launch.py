@@ -42,3 +42,17 @@ def test_service_commands_parse() -> None:
     assert (args.command, args.port, args.max_num_batched_tokens) == ("prefill", 50061, 64)
     args = parser.parse_args(["serve", "--colocate"])
     assert args.colocate and args.prefill_port == 0
+
+
+def test_async_scheduling_flag_reaches_the_engines() -> None:
+    """On by default; --no-async-scheduling turns it off in this process's engine and in
+    the flags the decode and prefill services are started with."""
+    parser = build_parser()
+    on = parser.parse_args(["serve"])
+    assert launch.engine_args(on, "cpu", "float32").async_scheduling
+    assert "--no-async-scheduling" not in launch._engine_flags(on, "cpu", "float32")
+    off = parser.parse_args(["serve", "--no-async-scheduling"])
+    assert not launch.engine_args(off, "cpu", "float32").async_scheduling
+    flags = launch._engine_flags(off, "cpu", "float32")
+    service = parser.parse_args(["decode", *flags])
+    assert not launch.engine_args(service, "cpu", "float32").async_scheduling
