@@ -124,6 +124,59 @@ def gpu_idle(engine: LLMEngine, steps: int, out: Path) -> tuple[float, float]:
     return span / steps / 1e3, (span - busy) / steps / 1e3
 
 
+def arrivals(engine: LLMEngine, b: int, rounds: int, calls: int = 40, every: int = 4) -> None:
+    """B requests decoding (256-token prompts) while a new request arrives every `every`
+    calls: generated tokens a second over `calls` calls, per mode, modes rotated a round."""
+    from engine import llm_engine
+
+    dev = engine.device
+    modes = {
+        "sync": (False, True),
+        "async, arrivals not ahead": (True, False),
+        "async": (True, True),
+    }
+    windows = 3 * (rounds + 1)  # a warm-up window a mode first: mixed shapes compile there
+    base = SamplingParams(temperature=0, max_tokens=windows * (calls + 1) + 8, ignore_eos=True)
+    short = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    for i, p in enumerate(prompts(engine, b, 256, seed=7)):
+        engine.add_request(f"base{i}", p, base)
+    engine.async_scheduling = False
+    while engine.scheduler.waiting or any(not r.output_token_ids for r in engine.scheduler.running):
+        engine.step()
+    news = prompts(engine, windows * calls // every + 3, 256, seed=8)
+    rate: dict[str, list[float]] = {name: [] for name in modes}
+    k = 0
+    for r in range(-1, rounds):  # round -1: warm-up, not counted
+        names = list(modes)[r % 3 :] + list(modes)[: r % 3]
+        for name in names:
+            engine.async_scheduling, llm_engine.ASYNC_WITH_ARRIVALS = modes[name]
+            engine.step()
+            sync(dev)
+            tokens, t0 = 0, time.perf_counter()
+            for i in range(calls):
+                if i % every == 0:
+                    engine.add_request(f"new{k}", news[k], short)
+                    k += 1
+                tokens += sum(len(o.new_token_ids) for o in engine.step())
+            sync(dev)
+            if r >= 0:
+                rate[name].append(tokens / (time.perf_counter() - t0))
+    engine.async_scheduling, llm_engine.ASYNC_WITH_ARRIVALS = False, True
+    engine.step()
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    assert engine.num_used_blocks == 0
+    s = statistics.median(rate["sync"])
+    print(
+        f"arrivals: b{b} decoding (256-token prompts), a new 256-token prompt every {every} calls"
+    )
+    print("| mode | tok/s (min-max) | vs sync |")
+    print("|---|---|---|")
+    for name, v in rate.items():
+        m = statistics.median(v)
+        print(f"| {name} | {m:.0f} ({min(v):.0f}-{max(v):.0f}) | {m / s - 1:+.1%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny-ernie-vl")
@@ -136,6 +189,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--trace-dir", help="profile 6 steps a mode at each batch, traces here")
+    ap.add_argument(
+        "--arrivals",
+        type=int,
+        default=64,
+        help="then B requests decoding while a new one (256-token prompt, 16 tokens) "
+        "arrives every 4th call: tok/s sync, async without arrivals ahead, async (0: skip)",
+    )
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     lens = [int(n) for n in args.prompt_lens.split(",")]
@@ -146,6 +206,8 @@ def main() -> None:
     new = prefill_steps + args.warmup + 2 * args.rounds * args.steps + 4
     new += 16 if args.trace_dir else 0
     max_len = max(*lens, 64) + max(new, 32) + 8
+    if args.arrivals:  # 256-token prompts decoding through 3 modes x (rounds + 1) x 41 calls
+        max_len = max(max_len, 256 + 3 * (args.rounds + 1) * 41 + 16)
     blocks = max(b * -(-(n + new) // 16) for b, n in zip(batches, lens, strict=True)) + 64
     engine = LLMEngine(
         EngineArgs(
@@ -236,6 +298,8 @@ def main() -> None:
             f"| {fwd:.3f} | {a / fwd:.3f} | {b / s * 1e3:.0f} | {b / a * 1e3:.0f} |"
         )
         sys.stdout.flush()
+    if args.arrivals:
+        arrivals(engine, args.arrivals, args.rounds)
 
 
 if __name__ == "__main__":

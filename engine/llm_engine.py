@@ -5,12 +5,14 @@ flat batch, samples the rows that finished their prompt (or decode), applies sto
 conditions and returns what changed. `abort` frees a request at any point. Single
 threaded: a server drives it from one thread.
 
-Async scheduling (`EngineArgs.async_scheduling`, on by default): when every request of a
-step decodes and nothing else waits, `step` launches the next step before it reads this
-one's tokens, feeding it the sampled ids on the device; the host then appends, checks stops
-and returns while the GPU computes. Rows of requests that ended meanwhile (EOS, abort, a
-stop string) compute one token nobody reads: their blocks go back to the pool at once,
-which is safe because every later use of a block is queued behind that step on the stream.
+Async scheduling (`EngineArgs.async_scheduling`, on by default): `step` schedules and
+launches the next step before it reads this one's tokens. A request whose token is still
+on the device is pending (`Request.num_pending`): the scheduler counts it, and the step
+reads it on the device (new prompts and prompt chunks wait for a call that reads the
+tokens first, unless `ASYNC_WITH_ARRIVALS`). The host then appends, checks stops and
+returns while the GPU computes. Rows of requests that ended meanwhile (EOS, abort, a stop
+string) compute one token nobody reads: their blocks go back to the pool at once, which is
+safe because every later use of a block is queued behind that step on the stream.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ from engine.sampler import LogprobsTensors, RequestSamplingState, Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from engine.tp_executor import TPModelRunner, TPWorkers, tp_devices
+
+ASYNC_WITH_ARRIVALS = False
+"""Async scheduling also plans new prompts and prompt chunks into the step launched ahead
+(True), or launches ahead only steps where every request decodes and nothing waits (False:
+an arrival makes the next call read the tokens first). Off: not shown faster on the H200
+yet (bench/RESULTS.md, session 9); the tests run both."""
 
 AfterLayer = Callable[[ScheduledStep, int], None]
 """Called with the step's plan once layer i's KV is in the cache (KV streaming)."""
@@ -74,11 +82,14 @@ class EngineArgs:
     (`shutdown()` stops them). With load_format "dummy" each rank draws its own slice's
     random weights, so the model is not the one-rank model's values split."""
     async_scheduling: bool = True
-    """Launch the next decode step before the host reads this one's tokens (it takes them
-    from the device), so the host's per-step work runs while the GPU computes. Only for
-    steps where every request decodes and none needs its history to sample (greedy or
-    unseeded random, no penalties, min_tokens reached, no reasoning budget), nothing is
-    waiting, and one rank; otherwise steps run one at a time. Tokens are the same."""
+    """Schedule and launch the next step before the host reads this one's tokens (the
+    step takes them from the device), so the host's per-step work runs while the GPU
+    computes. Not while a request whose token is in flight needs its history to sample
+    (seeded, penalties, min_tokens not reached, a reasoning budget), and not with more than
+    one rank: those steps run one at a time. Greedy and seeded tokens are the same;
+    unseeded random rows draw from the shared generator, which a row computed for a
+    request that ended meanwhile also draws from, so their draws differ (the distribution
+    does not)."""
 
     def __post_init__(self) -> None:
         if self.load_format not in ("auto", "dummy"):
@@ -216,6 +227,8 @@ class LLMEngine:
         self.async_scheduling = args.async_scheduling and args.tensor_parallel_size == 1
         self._inflight: _Launched | None = None
         """The step launched ahead (async scheduling), its tokens still on the device."""
+        self._undelivered: list[RequestOutput] = []
+        """Outputs read while a failed launch ahead raised: the next call returns them."""
 
     def _start_tensor_parallel(self, args: EngineArgs) -> int:
         """Check the split, start ranks 1..N-1, load rank 0 here; the number of blocks."""
@@ -380,7 +393,8 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             self.last_preempted = plan.preempted
             if plan.is_empty:
-                return []
+                outputs, self._undelivered = self._undelivered, []
+                return outputs
             step_sequence = self._step_sequence
             seqs = [
                 step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
@@ -394,8 +408,20 @@ class LLMEngine:
         else:
             self.last_preempted = []
         if self.async_scheduling and after_layer is None and before_run is None:
-            self._inflight = self._launch_next(launched)
-        return self._resolve(launched)
+            try:
+                self._inflight = self._launch_next(launched)
+            except BaseException:
+                # the step planned ahead failed to launch: read this one's tokens, so no
+                # request counts a token it never got; the next call hands them out
+                self._undelivered.extend(self._resolve(launched))
+                raise
+        outputs = self._resolve(launched)
+        if self._undelivered:
+            outputs, self._undelivered = self._undelivered + outputs, []
+        ahead = self._inflight
+        if ahead is not None and all(r.status.is_finished for r in ahead.requests):
+            self._inflight = None  # every row of it has ended: let its requests go
+        return outputs
 
     def _sample(self, requests: list[Request], logits: list[torch.Tensor]) -> _Launched:
         """Sample the rows that asked for logits; the tokens start their way to the host."""
@@ -418,8 +444,9 @@ class LLMEngine:
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:
         """Wait for a launched step's tokens; register full blocks; append; outputs."""
         cache_blocks = self.kv.cache_blocks
+        running = RequestStatus.RUNNING
         for req in launched.requests:
-            if not req.status.is_finished:
+            if req.status == running:  # not ended, nor preempted by a step planned ahead
                 cache_blocks(req, req.num_computed_tokens)
         if not launched.done:
             return []
@@ -434,54 +461,58 @@ class LLMEngine:
         ]
 
     def _launch_next(self, launched: _Launched) -> _Launched | None:
-        """Launch the decode step after `launched` before its tokens reach the host: every
-        request of it that goes on decodes the token it sampled, read on the device. None
-        when this step cannot be planned without them (see `EngineArgs.async_scheduling`):
-        the next call schedules as usual."""
-        done = launched.done
-        if not done or len(done) != len(launched.requests) or self.scheduler.waiting:
-            return None  # a prompt chunk left without a token, or new requests: schedule
-        live = [r for r in done if not r.status.is_finished]
-        if len(live) != len(self.scheduler.running):
-            return None  # a request joined (disaggregated decode) or finished meanwhile
+        """Schedule and launch the step after `launched` before its tokens reach the host.
+        A request that sampled a token there and goes on decodes it read on the device (it
+        is pending: `Request.num_pending`); the scheduler plans the rest as usual (new
+        arrivals, prompt chunks, joins, preemption). None when a pending request's sampling
+        reads its output so far (see `EngineArgs.async_scheduling`) or nothing is left to
+        run: the next call then schedules after reading the tokens."""
         # `launched`'s token is not appended yet: a request goes on if it may take two more
-        rows = [
-            i
-            for i, r in enumerate(done)
+        going = [
+            r
+            for r in launched.done
             if not r.status.is_finished and len(r.output_token_ids) + 2 <= r.max_tokens
         ]
-        reqs = [done[i] for i in rows]
-        if not reqs or not all(self._async_ok(r) for r in reqs):
+        if not all(self._async_ok(r) for r in going):
             return None
-        if not self.kv.can_append_slot([r.request_id for r in reqs]):
-            return None  # the pool is short: the scheduler preempts
-        seqs = []
-        delta = self._position_dims == 2
-        for r in reqs:
-            slots = self.kv.allocate_slots(r, 1)
-            assert slots is not None
-            start = r.num_computed_tokens
-            seqs.append(
-                StepSequence(
-                    token_ids=[0],  # a placeholder: the ids come from the device
-                    positions=None,
-                    num_computed=start,
-                    block_ids=self.kv.block_ids(r.request_id),
-                    logits="last",
-                    text_position=start + (r.prompt.delta if delta else 0),
-                )
-            )
-        ids = launched.tokens
-        assert ids is not None
-        if len(rows) != len(done):
-            index = torch.tensor(rows, dtype=torch.long)
-            if ids.is_cuda:
-                index = index.pin_memory()
-            ids = ids[index.to(ids.device, non_blocking=True)]
+        if not ASYNC_WITH_ARRIVALS and (
+            self.scheduler.waiting or len(launched.done) != len(launched.requests)
+        ):
+            return None
+        for r in going:
+            r.num_pending = 1
+        plan = self.scheduler.schedule()
+        self.last_preempted = plan.preempted
+        if plan.is_empty:
+            return None
+        seqs = [
+            self._step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
+        ]
+        # rows whose input is a pending token, and that token's row in `launched`
+        row_of = {r.request_id: i for i, r in enumerate(launched.done)}
+        dst, src, flat = [], [], 0
+        for r, n in zip(plan.requests, plan.num_tokens, strict=True):
+            flat += n
+            if r.num_pending and r.num_computed_tokens + n > r.num_tokens:
+                dst.append(flat - 1)
+                src.append(row_of[r.request_id])
+        ids = None
+        if dst:
+            ids = launched.tokens
+            assert ids is not None
+            if dst != list(range(flat)) or src != list(range(len(launched.done))):
+                host = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)
+                index = torch.tensor([dst, src], dtype=torch.long)
+                if ids.is_cuda:
+                    host, index = host.pin_memory(), index.pin_memory()
+                host = host.to(ids.device, non_blocking=True)
+                index = index.to(ids.device, non_blocking=True)
+                host[index[0]] = ids[index[1]]
+                ids = host
         logits = self.runner.run(seqs, token_ids=ids)
-        for r in reqs:
-            r.num_computed_tokens += 1
-        return self._sample(reqs, logits)
+        for r, n in zip(plan.requests, plan.num_tokens, strict=True):
+            r.num_computed_tokens += n
+        return self._sample(plan.requests, logits)
 
     def _async_ok(self, req: Request) -> bool:
         """Whether the request's next token can be sampled before its last one is known:
@@ -503,12 +534,15 @@ class LLMEngine:
         if start >= p and prompt.positions.dim() == self._position_dims:
             # generated tokens only: text rows, no media, positions from one int
             out = req.output_token_ids
+            ids = out[start - p : end - p]
+            if end - p > len(out):  # the last is a pending token: a placeholder here
+                ids = ids + [0] * (end - p - len(out))
             return StepSequence(
-                token_ids=out[start - p : end - p],
+                token_ids=ids,
                 positions=None,
                 num_computed=start,
                 block_ids=self.kv.block_ids(req.request_id),
-                logits="last" if end - p == len(out) else "none",
+                logits="last" if end - p == len(out) + req.num_pending else "none",
                 text_position=start + (prompt.delta if self._position_dims == 2 else 0),
             )
         return StepSequence(
@@ -526,6 +560,7 @@ class LLMEngine:
     def _append(self, req: Request, token: int, logprobs, row: int) -> RequestOutput:
         out = req.output_token_ids
         out.append(token)
+        req.num_pending = 0
         sampling, params = req.sampling, req.params
         sampling.append_token(token)
         status = None

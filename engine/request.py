@@ -47,6 +47,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    num_pending: int = 0
+    """Tokens sampled by a step still in flight, not appended yet (async scheduling): the
+    scheduler counts them as input for the step after it."""
     num_cached_tokens: int = 0
     cache_salt: str | None = None
     stop_reason: int | str | None = None

@@ -74,7 +74,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens + req.num_pending - req.num_computed_tokens, budget)
+            if n <= 0:  # its last token is being computed (async scheduling): nothing to add
+                i += 1
+                continue
             if self.kv.allocate_slots(req, n) is not None:
                 step.requests.append(req)
                 step.num_tokens.append(n)

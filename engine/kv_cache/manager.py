@@ -84,16 +84,6 @@ class KVCacheManager:
         """Whether :meth:`allocate_slots` would succeed now."""
         return self._num_blocks_to_take(req, num_new_tokens, computed_blocks) is not None
 
-    def can_append_slot(self, request_ids: Sequence[str]) -> bool:
-        """Whether every admitted request in ``request_ids`` can take one more token's slot
-        at once (:meth:`allocate_slots` with 1 for each would succeed)."""
-        size, states = self.block_size, self._requests
-        needed = 0
-        for rid in request_ids:
-            state = states[rid]
-            needed += state.num_slots + 1 > len(state.blocks) * size
-        return self.pool.can_allocate(needed)
-
     def allocate_slots(
         self, req: CacheableRequest, num_new_tokens: int, computed_blocks: Sequence[Block] = ()
     ) -> list[Block] | None:

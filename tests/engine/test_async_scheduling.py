@@ -142,15 +142,70 @@ def test_abort_and_stop_string_while_a_step_is_ahead() -> None:
         dict(),
         dict(max_num_batched_tokens=7),  # prompts in chunks beside decode rows
         dict(num_kv_blocks=14, block_size=4, max_num_batched_tokens=16),  # preemption
+        dict(max_num_batched_tokens=3),  # fewer rows a step than requests decoding
     ],
-    ids=["default", "chunked", "preempt"],
+    ids=["default", "chunked", "preempt", "tight"],
 )
-def test_staggered_arrivals(kw) -> None:
-    """A new request each call: each arrival stops the launching ahead for a step; tokens
-    as without async scheduling, whatever the calls they come in."""
+@pytest.mark.parametrize("ahead", [False, True], ids=["arrivals-wait", "arrivals-ahead"])
+def test_staggered_arrivals(monkeypatch, kw, ahead: bool) -> None:
+    """A new request each call. With `ASYNC_WITH_ARRIVALS` it joins the step planned ahead
+    (its prompt beside the pending decode rows, prompt chunks, preemption of requests
+    whose token is in flight), else it stops the launching ahead for a call; tokens as
+    without async scheduling, whatever the calls they come in."""
+    import engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "ASYNC_WITH_ARRIVALS", ahead)
     prompts = _prompts(9, 4, 13, 7, 10, 5)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    _same([(f"r{i}", p, params) for i, p in enumerate(prompts)], stagger=True, min_ahead=0.2, **kw)
+    reqs = [(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    _same(reqs, stagger=True, min_ahead=0.8 if ahead else 0.2, **kw)
+
+
+def test_a_failed_launch_ahead_loses_no_token() -> None:
+    """The step planned ahead raises while launching (say, out of memory capturing a new
+    graph): the call raises; the next calls hand out the tokens read meanwhile and go on,
+    ending with the synchronous engine's tokens."""
+
+    def run(async_: bool) -> dict[str, list[int]]:
+        eng = _engine(async_)
+        real = eng.runner.run
+        calls = {"n": 0}
+
+        def flaky(seqs, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 4:  # a decode step's launch fails once
+                raise RuntimeError("transient failure")
+            return real(seqs, *a, **kw)
+
+        eng.runner.run = flaky  # type: ignore[method-assign]
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        for i, p in enumerate(_prompts(6, 9)):
+            eng.add_request(f"r{i}", p, params)
+        toks: dict[str, list[int]] = {}
+        failures = 0
+        for _ in range(100):  # bounded: a lost token leaves a request stuck
+            if not (eng.has_unfinished_requests() or eng._undelivered):
+                break
+            try:
+                outs = eng.step()
+            except RuntimeError:
+                failures += 1
+                continue
+            for o in outs:
+                toks.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert failures == 1 and eng.num_used_blocks == 0
+        return toks
+
+    want = _tokens(
+        _drive(
+            _engine(False),
+            [
+                (f"r{i}", p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+                for i, p in enumerate(_prompts(6, 9))
+            ],
+        )[0]
+    )
+    assert run(True) == want
 
 
 def test_logprobs_and_history_dependent_sampling() -> None:
@@ -190,15 +245,16 @@ def test_unseeded_random_sampling_runs_ahead() -> None:
 
 
 def test_engine_reused_after_a_step_left_ahead() -> None:
-    """A step launched ahead for a request that then ended by EOS is dropped; a later
-    request on the same engine decodes as on a fresh one."""
+    """A step launched ahead for a request that then ended by a stop token is dropped
+    (nothing holds the request any more); a later request on the same engine decodes as
+    on a fresh one."""
     prompts = _prompts(9, 12)
     ref = _tokens(_drive(_engine(False), [("x", prompts[0], SamplingParams(temperature=0))])[0])
     stop_at = ref["x"][3]
     eng = _engine(True)
     first = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_at])
     _drive(eng, [("a", prompts[0], first)])
-    assert eng._inflight is not None  # its one row computed a token nobody reads
+    assert eng._inflight is None and not eng.requests  # its one row: computed, dropped
     later = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     again = _tokens(_drive(eng, [("b", prompts[1], later)])[0])
     fresh = _tokens(_drive(_engine(False), [("b", prompts[1], later)])[0])

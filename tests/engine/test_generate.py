@@ -92,18 +92,35 @@ def run_engine(path, prompts, stagger: bool, **kw) -> tuple[list[list[int]], LLM
 @pytest.mark.parametrize(
     "kw",
     [
-        dict(),
-        dict(enable_prefix_caching=False, enable_chunked_prefill=False),
-        dict(max_num_batched_tokens=7),  # long prompts prefilled in chunks
-        dict(num_kv_blocks=12, max_num_batched_tokens=16),  # forces preemption
+        dict(async_scheduling=False),
+        dict(async_scheduling=False, enable_prefix_caching=False, enable_chunked_prefill=False),
+        dict(async_scheduling=False, max_num_batched_tokens=7),  # prompts in chunks
+        dict(async_scheduling=False, num_kv_blocks=12, max_num_batched_tokens=16),  # preempts
         dict(async_scheduling=True),
         dict(async_scheduling=True, num_kv_blocks=12, max_num_batched_tokens=16),
+        dict(async_scheduling=True, max_num_batched_tokens=7, arrivals_ahead=True),
+        dict(
+            async_scheduling=True, num_kv_blocks=12, max_num_batched_tokens=16, arrivals_ahead=True
+        ),
     ],
-    ids=["default", "no_cache_no_chunk", "chunked", "preempt", "async", "async_preempt"],
+    ids=[
+        "default",
+        "no_cache_no_chunk",
+        "chunked",
+        "preempt",
+        "async",
+        "async_preempt",
+        "async_arrivals_chunked",
+        "async_arrivals_preempt",
+    ],
 )
 @pytest.mark.parametrize("stagger", [False, True], ids=["together", "staggered"])
-def test_greedy_matches_hf_generate(vl, kw, stagger):
+def test_greedy_matches_hf_generate(vl, kw, stagger, monkeypatch):
+    import engine.llm_engine as llm_engine
+
     path, prompts, expected = vl
+    kw = dict(kw)
+    monkeypatch.setattr(llm_engine, "ASYNC_WITH_ARRIVALS", kw.pop("arrivals_ahead", False))
     got, engine = run_engine(path, prompts, stagger, **kw)
     assert got == expected
     assert engine.num_used_blocks == 0
@@ -149,6 +166,7 @@ def test_tensor_parallel_greedy_matches_hf_generate(vl, tp, kw):
     got, engine = run_engine(path, prompts[:n], stagger=True, tensor_parallel_size=tp, **kw)
     expected = expected[:n]
     try:
+        assert not engine.async_scheduling  # one step at a time across ranks
         assert got == expected
         assert engine.num_used_blocks == 0
     finally:
