@@ -26,22 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.host_overhead_bench import forward_only, sync
+from bench.host_overhead_bench import add_model_args, forward_only, random_prompts, sync
 from engine.llm_engine import EngineArgs, LLMEngine
-from engine.multimodal import media_token_ids
 from engine.sampling_params import SamplingParams
-
-
-def prompts(engine: LLMEngine, n: int, length: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    marks = torch.tensor(sorted(media_token_ids(engine.model_config)) or [-1])
-    hi = min(2000, engine.model_config.text.vocab_size)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(100, hi, (length,), generator=g)
-        ids[torch.isin(ids, marks)] = 100
-        out.append(ids.tolist())
-    return out
 
 
 def decode_all(engine: LLMEngine, tag: str, ps: list[list[int]], new: int) -> list[list[int]]:
@@ -138,12 +125,12 @@ def arrivals(engine: LLMEngine, b: int, rounds: int, calls: int = 40, every: int
     windows = 3 * (rounds + 1)  # a warm-up window a mode first: mixed shapes compile there
     base = SamplingParams(temperature=0, max_tokens=windows * (calls + 1) + 8, ignore_eos=True)
     short = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    for i, p in enumerate(prompts(engine, b, 256, seed=7)):
+    for i, p in enumerate(random_prompts(engine, b, 256, seed=7)):
         engine.add_request(f"base{i}", p, base)
     engine.async_scheduling = False
     while engine.scheduler.waiting or any(not r.output_token_ids for r in engine.scheduler.running):
         engine.step()
-    news = prompts(engine, windows * calls // every + 3, 256, seed=8)
+    news = random_prompts(engine, windows * calls // every + 3, 256, seed=8)
     rate: dict[str, list[float]] = {name: [] for name in modes}
     k = 0
     for r in range(-1, rounds):  # round -1: warm-up, not counted
@@ -179,10 +166,7 @@ def arrivals(engine: LLMEngine, b: int, rounds: int, calls: int = 40, every: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny-ernie-vl")
-    ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_model_args(ap)
     ap.add_argument("--batches", default="1,64,256")
     ap.add_argument("--prompt-lens", default="512,768,768", help="one per batch")
     ap.add_argument("--steps", type=int, default=20, help="steps a timed run")
@@ -227,7 +211,7 @@ def main() -> None:
     print(f"# {args.model} {args.dtype} on {name}, prefix caching off")
 
     waits = Waits(engine)
-    ps = prompts(engine, 8, 64, seed=1)
+    ps = random_prompts(engine, 8, 64, seed=1)
     engine.async_scheduling = False
     want = decode_all(engine, "s", ps, 32)
     engine.async_scheduling = True
@@ -242,7 +226,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for b, n in zip(batches, lens, strict=True):
         params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
-        for i, p in enumerate(prompts(engine, b, n, seed=b)):
+        for i, p in enumerate(random_prompts(engine, b, n, seed=b)):
             engine.add_request(f"b{b}-{i}", p, params)
         engine.async_scheduling = False
         started: set[str] = set()

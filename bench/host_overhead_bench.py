@@ -85,15 +85,31 @@ def make_engine(args: argparse.Namespace) -> LLMEngine:
     return engine
 
 
-def add_requests(engine: LLMEngine, args: argparse.Namespace) -> None:
-    g = torch.Generator().manual_seed(0)
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """--model, --load-format, --device, --dtype (the engine benches' common flags)."""
+    ap.add_argument("--model", default="tiny-ernie-vl")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+
+
+def random_prompts(engine: LLMEngine, n: int, length: int, seed: int) -> list[list[int]]:
+    """n random text prompts of `length` ids (no media placeholder ids)."""
+    g = torch.Generator().manual_seed(seed)
     marks = torch.tensor(sorted(media_token_ids(engine.model_config)) or [-1])
     hi = min(2000, engine.model_config.text.vocab_size)
-    params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
-    for i in range(args.batch):
-        ids = torch.randint(100, hi, (args.prompt_len,), generator=g)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(100, hi, (length,), generator=g)
         ids[torch.isin(ids, marks)] = 100
-        engine.add_request(f"r{i}", ids.tolist(), params)
+        out.append(ids.tolist())
+    return out
+
+
+def add_requests(engine: LLMEngine, args: argparse.Namespace) -> None:
+    params = SamplingParams(temperature=0, max_tokens=args.new, ignore_eos=True)
+    for i, ids in enumerate(random_prompts(engine, args.batch, args.prompt_len, seed=0)):
+        engine.add_request(f"r{i}", ids, params)
 
 
 class Phases:
@@ -191,10 +207,7 @@ def forward_only(engine: LLMEngine, steps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny-ernie-vl")
-    ap.add_argument("--load-format", default="auto")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    add_model_args(ap)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new", type=int, default=128, help="max_tokens per request")

@@ -35,7 +35,7 @@ from engine.models import ErnieModel, build_random_model, load_model
 from engine.multimodal import MediaInput, PreparedPrompt, prepare_prompt
 from engine.parallel import check_tp_size, use_tp
 from engine.request import Request, RequestOutput, RequestStatus
-from engine.sampler import LogprobsTensors, RequestSamplingState, Sampler
+from engine.sampler import LogprobsTensors, RequestSamplingState, Sampler, host_to_device
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledStep, Scheduler, SchedulerConfig
 from engine.tp_executor import TPModelRunner, TPWorkers, tp_devices
@@ -395,16 +395,9 @@ class LLMEngine:
             if plan.is_empty:
                 outputs, self._undelivered = self._undelivered, []
                 return outputs
-            step_sequence = self._step_sequence
-            seqs = [
-                step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
-            ]
             export = before_run(plan) if before_run is not None else None
             hook = None if after_layer is None else (lambda i: after_layer(plan, i))
-            logits = self.runner.run(seqs, hook, export)
-            for req, n in zip(plan.requests, plan.num_tokens, strict=True):
-                req.num_computed_tokens += n
-            launched = self._sample(plan.requests, logits)
+            launched = self._run_plan(plan, self._step_sequences(plan), hook, export)
         else:
             self.last_preempted = []
         if self.async_scheduling and after_layer is None and before_run is None:
@@ -422,6 +415,27 @@ class LLMEngine:
         if ahead is not None and all(r.status.is_finished for r in ahead.requests):
             self._inflight = None  # every row of it has ended: let its requests go
         return outputs
+
+    def _step_sequences(self, plan: ScheduledStep) -> list[StepSequence]:
+        step_sequence = self._step_sequence
+        return [step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)]
+
+    def _run_plan(
+        self,
+        plan: ScheduledStep,
+        seqs: list[StepSequence],
+        hook: Callable[[int], None] | None = None,
+        export: list[int] | None = None,
+        token_ids: torch.Tensor | None = None,
+    ) -> _Launched:
+        """Launch the plan's forward and sampling; its tokens stay on the device."""
+        if token_ids is None:  # (a tensor-parallel runner takes no device ids)
+            logits = self.runner.run(seqs, hook, export)
+        else:
+            logits = self.runner.run(seqs, hook, export, token_ids=token_ids)
+        for req, n in zip(plan.requests, plan.num_tokens, strict=True):
+            req.num_computed_tokens += n
+        return self._sample(plan.requests, logits)
 
     def _sample(self, requests: list[Request], logits: list[torch.Tensor]) -> _Launched:
         """Sample the rows that asked for logits; the tokens start their way to the host."""
@@ -485,9 +499,7 @@ class LLMEngine:
         self.last_preempted = plan.preempted
         if plan.is_empty:
             return None
-        seqs = [
-            self._step_sequence(r, n) for r, n in zip(plan.requests, plan.num_tokens, strict=True)
-        ]
+        seqs = self._step_sequences(plan)
         # rows whose input is a pending token, and that token's row in `launched`
         row_of = {r.request_id: i for i, r in enumerate(launched.done)}
         dst, src, flat = [], [], 0
@@ -501,18 +513,12 @@ class LLMEngine:
             ids = launched.tokens
             assert ids is not None
             if dst != list(range(flat)) or src != list(range(len(launched.done))):
-                host = torch.tensor([t for s in seqs for t in s.token_ids], dtype=torch.long)
-                index = torch.tensor([dst, src], dtype=torch.long)
-                if ids.is_cuda:
-                    host, index = host.pin_memory(), index.pin_memory()
-                host = host.to(ids.device, non_blocking=True)
-                index = index.to(ids.device, non_blocking=True)
+                flat_ids = [t for s in seqs for t in s.token_ids]
+                host = host_to_device(flat_ids, torch.long, ids.device)
+                index = host_to_device([dst, src], torch.long, ids.device)
                 host[index[0]] = ids[index[1]]
                 ids = host
-        logits = self.runner.run(seqs, token_ids=ids)
-        for r, n in zip(plan.requests, plan.num_tokens, strict=True):
-            r.num_computed_tokens += n
-        return self._sample(plan.requests, logits)
+        return self._run_plan(plan, seqs, token_ids=ids)
 
     def _async_ok(self, req: Request) -> bool:
         """Whether the request's next token can be sampled before its last one is known:
@@ -523,15 +529,19 @@ class LLMEngine:
             and not p.has_penalties
             and len(req.output_token_ids) >= p.min_tokens
             and p.reasoning_max_tokens is None
-            and req.prompt.positions.dim() == self._position_dims
+            and self._int_positions(req.prompt)
         )
+
+    def _int_positions(self, prompt: PreparedPrompt) -> bool:
+        """Whether generated rows of this prompt take positions from one int (text rows)."""
+        return prompt.positions.dim() == self._position_dims
 
     def _step_sequence(self, req: Request, n: int) -> StepSequence:
         start = req.num_computed_tokens
         end = start + n
         prompt = req.prompt
         p = len(prompt.token_ids)
-        if start >= p and prompt.positions.dim() == self._position_dims:
+        if start >= p and self._int_positions(prompt):
             # generated tokens only: text rows, no media, positions from one int
             out = req.output_token_ids
             ids = out[start - p : end - p]

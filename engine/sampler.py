@@ -182,7 +182,7 @@ class _BatchParams:
             top_k=_index(top_k, device),
             top_p=_tensor([p.top_p for p in params], device),
             min_p=_tensor([p.min_p for p in params], device),
-            greedy=_on_device([p.is_greedy for p in params], torch.bool, device),
+            greedy=host_to_device([p.is_greedy for p in params], torch.bool, device),
             any_random=not all(p.is_greedy for p in params),
             any_top_k=any(k < vocab_size for k in top_k),
             any_top_p=any(p.top_p < 1.0 for p in params),
@@ -410,7 +410,7 @@ def _token_counts(flat_ids: torch.Tensor, lengths: Sequence[int], vocab_size: in
     return counts[:, :vocab_size]
 
 
-def _on_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def host_to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on `device`. On CUDA through pinned memory without a stream sync
     (a pageable copy waits for the queued work), so sampling a step does not wait for the
     step (the engine's async scheduling launches the next step before reading tokens)."""
@@ -421,8 +421,8 @@ def _on_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> to
 
 
 def _tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
-    return _on_device(values, torch.float32, device)
+    return host_to_device(values, torch.float32, device)
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return _on_device(values, torch.int64, device)
+    return host_to_device(values, torch.int64, device)
