@@ -496,7 +496,7 @@ class LLMEngine:
         for r in going:
             r.num_pending = 1
         plan = self.scheduler.schedule()
-        self.last_preempted = plan.preempted
+        self.last_preempted = [*self.last_preempted, *plan.preempted]  # this call's, both plans
         if plan.is_empty:
             return None
         seqs = self._step_sequences(plan)

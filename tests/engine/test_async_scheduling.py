@@ -289,3 +289,33 @@ def test_async_matches_sync_under_cuda_graphs() -> None:
 
     toks = _tokens(_same(reqs, between, device="cuda", min_ahead=0.4))
     assert toks["stop"] == ref[: ref.index(ref[4]) + 1] and len(toks["len2"]) == 11
+
+
+def test_every_preemption_is_reported(monkeypatch) -> None:
+    """`last_preempted` names every request a call's plans preempted, the step planned
+    ahead's included (the decode role fails media requests it cannot recompute by it).
+    Both plans of one call preempt when arrivals are planned ahead: the newest request,
+    penalised, keeps steps synchronous until the first plan preempts it."""
+    import engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "ASYNC_WITH_ARRIVALS", True)
+    eng = _engine(True, num_kv_blocks=20, block_size=4, max_num_batched_tokens=16)
+    preempted: list[str] = []
+    real = eng.scheduler._preempt
+
+    def spy(req) -> None:
+        preempted.append(req.request_id)
+        real(req)
+
+    eng.scheduler._preempt = spy  # type: ignore[method-assign]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    penalised = SamplingParams(
+        temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.2
+    )
+    for i, p in enumerate(_prompts(9, 4, 13, 7, 10, 5)):
+        eng.add_request(f"r{i}", p, penalised if i == 5 else params)
+    reported: list[str] = []
+    while eng.has_unfinished_requests():
+        eng.step()
+        reported += [r.request_id for r in eng.last_preempted]
+    assert preempted and reported == preempted
