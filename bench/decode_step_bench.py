@@ -103,6 +103,9 @@ _EARLY_KV = "kernels.triton_impl.attention_decode:EARLY_KV"
 _QKV_META = "kernels.triton_impl.gemv:QKV_EARLY_META"
 _RANKED = "kernels.triton_impl.moe_routing:TOPK_RANKED"
 _QKV_NORM = "kernels.gemv:QKV_NORM_FUSED"
+_UP_DOT = "kernels.triton_impl.gemv:MOE_UP_DOT"
+_UP_DOT_END = "kernels.triton_impl.gemv:UP_DOT_LAUNCH_AT_END"
+_UP_DOT_MIN = "kernels.triton_impl.gemv:UP_DOT_MIN_TOKENS"
 
 _S7_BEFORE = {
     _DEFER: False,
@@ -191,6 +194,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk-ranked": {_RANKED: True},  # the router's top-k by one ranking, not k argmax rounds
     "-topk-ranked": {_RANKED: False},
     "-qkv-norm": {_QKV_NORM: False},  # the layer's input norm as its own launch before qkv
+    # the routed up launch as tensor-core dots with pipelined loads (on at 2-4 tokens):
+    # at every batch, and the tiles (columns, K, stages, warps)
+    "up-dot-b1": {_UP_DOT_MIN: 1},
+    "-up-dot": {_UP_DOT: False},
+    "up-dot-after-wait": {_UP_DOT_END: False},  # the down let in after the up's wait
+    "up-dot-s4": _moe(up_dot=(16, 128, 4, 1)),
+    "up-dot-256s2": _moe(up_dot=(16, 256, 2, 1)),
+    "up-dot-2w": _moe(up_dot=(16, 128, 3, 2)),
+    "up-dot-32x128-4w": _moe(up_dot=(32, 128, 3, 4)),
     # more of o_proj's / qkv's weight rows read before the PDL wait (the whole row: one
     # round trip after it)
     "o-pre3": _gemv(2, 1024, 4, 3, None, 3, shapes=_QKV_O[1:]),

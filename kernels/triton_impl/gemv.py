@@ -492,6 +492,10 @@ class MoeDecodeTiles:
     # the down launch's warps (None: num_warps). H200, b1 / b4 replay, 2 columns of 1 warp
     # against 4 of 2: -0.017 / -0.025, -0.029 / -0.033, -0.019 / -0.026 ms in three calls
     down_num_warps: int | None = 1
+    # the up launch as dots (`MOE_UP_DOT`): (columns, K chunk, stages, warps) a program.
+    # H200, one 28B up launch alone, cold weights: 16 x 128, 3 stages, 1 warp 24.8 us
+    # (3.8 TB/s) against 30.7 us for the FMA loop's 4 x 512 at 2 warps
+    up_dot: tuple[int, int, int, int] = (16, 128, 3, 1)
 
 
 # 28B shapes, H100 (bench/RESULTS.md, 2026-11-25 session 2): 2 warps beat 4 at T=1/2/4
@@ -499,6 +503,20 @@ class MoeDecodeTiles:
 # Full decode step, graph replay: b1 3.76 -> 3.61 ms (same logits); b2 -0.28, b4 -0.10 ms
 # with DECODE_MAX_TOKENS = 4 (4 warps there would cost +0.17 / +0.40 ms).
 MOE_DECODE_TILES = MoeDecodeTiles()
+
+MOE_UP_DOT = True
+"""The decode MoE up launch as tensor-core dots with pipelined weight loads
+(`_moe_up_dot_kernel`, tiles `MoeDecodeTiles.up_dot`) instead of FMA loops, for 16-bit
+weights and at least `UP_DOT_MIN_TOKENS` tokens. Read at trace time. H200, 28B step
+replayed (bench/RESULTS.md, 2026-12-04): b4 -0.149 ms (-2.9%); b1 +0.11 to +0.24 (the
+576 programs of one token's launch, beside the shared experts' GEMVs on the side stream,
+stream slower than the FMA launch's 2304)."""
+UP_DOT_MIN_TOKENS = 2
+
+UP_DOT_LAUNCH_AT_END = True
+"""With `MOE_UP_DOT` under PDL: the down launch is let in as the up programs end their sums,
+not after their wait (the dot launch has a quarter of the FMA launch's programs, so all of
+them start early and the down launch would sit resident, reading ahead, beside it)."""
 
 UP_PDL_BESIDE = True
 """With ``add`` being computed on a side stream (``add_stream``: the shared experts), the up
@@ -581,6 +599,92 @@ def _moe_up_kernel(
     # round gate and up to the activation dtype first, as the unfused linear outputs are
     gate = tl.sum(acc_g, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
     up = tl.sum(acc_u, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_row + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _moe_up_dot_kernel(
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    h_ptr,
+    ws_ptr,
+    hs_ptr,
+    I,
+    IS,
+    D,
+    n_shared,
+    stride_xt,
+    stride_we,
+    stride_wn,
+    stride_wsn,
+    TOPK: tl.constexpr,
+    NB_I: tl.constexpr,
+    NB_S: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    STAGES: tl.constexpr,
+    PDL: tl.constexpr,
+    LAUNCH_AFTER_WAIT: tl.constexpr,
+    LAUNCH_AT_END: tl.constexpr = False,
+):
+    # `_moe_up_kernel`'s contract, the sums as tensor-core dots: the token's row is row 0 of
+    # a [16, BLOCK_K] operand (the rest zero), the weight chunk a [BLOCK_K, BLOCK_N] operand,
+    # fp32 accumulation. Triton's pipeliner keeps STAGES - 1 chunks of every program in
+    # flight through shared memory, which it does not do for loads feeding FMAs: more bytes
+    # in flight a SM, closer to the copy rate (Little's law). Another summation order than
+    # the FMA loop's (both fp32), so not bit-identical to it.
+    if LAUNCH_AT_END:  # the next launch comes in as this one's programs finish their sums
+        pdl_wait(PDL)
+    elif LAUNCH_AFTER_WAIT:
+        pdl_wait(PDL)
+        pdl_launch(PDL)
+    else:
+        pdl_enter(PDL)
+    pid = tl.program_id(0)
+    if HAS_SHARED and pid < n_shared:
+        t = pid // NB_S
+        cb = pid % NB_S
+        base = ws_ptr
+        inter = IS
+        stride_n = stride_wsn
+        h_row = hs_ptr + t.to(tl.int64) * IS
+    else:
+        q = pid - n_shared
+        r = q // NB_I
+        cb = q % NB_I
+        t = r // TOPK
+        e = tl.load(ids_ptr + r).to(tl.int64)
+        base = w_ptr + e * stride_we
+        inter = I
+        stride_n = stride_wn
+        h_row = h_ptr + r.to(tl.int64) * I
+    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < inter
+    offs_m = tl.arange(0, 16)
+    row0 = offs_m[:, None] == 0  # [16, 1]
+    g_cols = base + offs_n.to(tl.int64)[None, :] * stride_n  # [1, BLOCK_N]
+    u_cols = g_cols + inter * stride_n
+    x_row = x_ptr + t * stride_xt + offs_m[:, None] * 0  # [16, 1], every row the token's
+    acc_g = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([16, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < D
+        xk = tl.load(x_row + offs_k[None, :], mask=row0 & mask_k[None, :], other=0.0)
+        wmask = mask_k[:, None] & mask_n[None, :]
+        wg = tl.load(g_cols + offs_k[:, None], mask=wmask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        wu = tl.load(u_cols + offs_k[:, None], mask=wmask, other=0.0)
+        acc_g = tl.dot(xk, wg, acc_g)
+        acc_u = tl.dot(xk, wu, acc_u)
+    if LAUNCH_AT_END:
+        pdl_launch(PDL)
+    gate = tl.sum(tl.where(row0, acc_g, 0.0), axis=0)  # [BLOCK_N]: row 0
+    up = tl.sum(tl.where(row0, acc_u, 0.0), axis=0)
+    gate = gate.to(h_ptr.dtype.element_ty).to(tl.float32)
+    up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
     h = gate * tl.sigmoid(gate) * up
     tl.store(h_row + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
 
@@ -735,13 +839,23 @@ def fused_moe_decode(
         return out
     h = torch.empty(t * top_k, i, dtype=x.dtype, device=x.device)  # [T*k, I]
     hs = torch.empty(t, max(i_s, 1), dtype=x.dtype, device=x.device)  # [T, Is]
-    nb_i, nb_s = triton.cdiv(i, tiles.up_block_n), triton.cdiv(max(i_s, 1), tiles.up_block_n)
+    dot = MOE_UP_DOT and t >= UP_DOT_MIN_TOKENS and w13.dtype in (torch.bfloat16, torch.float16)
+    up_n = tiles.up_dot[0] if dot else tiles.up_block_n
+    nb_i, nb_s = triton.cdiv(i, up_n), triton.cdiv(max(i_s, 1), up_n)
     n_shared = t * nb_s if shared is not None else 0
     ws13, ws2 = shared if shared is not None else (w13, w2)  # placeholders when unused
     pdl = use_pdl(x)
     down_preload = min(tiles.down_preload, top_k, 2)  # without PDL: plain stream order
     pdl_up = pdl and (add_stream is None or UP_PDL_BESIDE)
-    _moe_up_kernel[(n_shared + t * top_k * nb_i,)](
+    if dot:
+        _, bk, stages, warps = tiles.up_dot
+        up_kernel, up_meta = _moe_up_dot_kernel, {"BLOCK_K": bk, "STAGES": stages}
+        up_meta["LAUNCH_AT_END"] = UP_DOT_LAUNCH_AT_END
+        up_meta["num_warps"] = warps
+    else:
+        up_kernel, up_meta = _moe_up_kernel, {"BLOCK_K": tiles.up_block_k}
+        up_meta.update(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    up_kernel[(n_shared + t * top_k * nb_i,)](
         x,
         w13,
         topk_ids,
@@ -760,13 +874,11 @@ def fused_moe_decode(
         NB_I=nb_i,
         NB_S=nb_s,
         HAS_SHARED=shared is not None,
-        BLOCK_N=tiles.up_block_n,
-        BLOCK_K=tiles.up_block_k,
+        BLOCK_N=up_n,
         PDL=pdl,
         LAUNCH_AFTER_WAIT=down_preload > 0,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
         launch_pdl=pdl_up,
+        **up_meta,
     )
     if up_done is not None:
         up_done.record(torch.cuda.current_stream(x.device))

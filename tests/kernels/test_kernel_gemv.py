@@ -181,6 +181,76 @@ def test_moe_decode_with_shared_experts_in_the_launches(
 
 
 @needs_triton
+@pytest.mark.parametrize(("t", "shared"), [(1, False), (3, True), (4, False)])
+def test_moe_up_as_dots_matches_the_fma_loop(
+    monkeypatch: pytest.MonkeyPatch, t: int, shared: bool
+) -> None:
+    """`MOE_UP_DOT`: the up launch as tensor-core dots (ragged N and K tails, several K
+    chunks, the shared experts' rows in the launch) gives the FMA loop's output up to the
+    summation order, for 16-bit weights; fp32 weights keep the FMA loop, bit for bit."""
+    import kernels.triton_impl.gemv as gemv_impl
+    from kernels.triton_impl.gemv import MoeDecodeTiles, fused_moe_decode
+
+    class Spy:  # counts the dot kernel's launches
+        def __init__(self, kernel) -> None:
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
+    spy = Spy(gemv_impl._moe_up_dot_kernel)
+    monkeypatch.setattr(gemv_impl, "_moe_up_dot_kernel", spy)
+    monkeypatch.setattr(gemv_impl, "UP_DOT_MIN_TOKENS", 1)  # by default from 2 tokens
+    e, k, d, i, i_s = 7, 3, 96, 40, 24  # N tails of 40 and 24 in 16s, K of 96 in 32s
+    tiles = MoeDecodeTiles(16, 32, 8, 16, 2, up_dot=(16, 32, 2, 1))
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn(t, d, dtype=dtype)
+        w13 = (torch.randn(e, 2 * i, d) / d**0.5).to(dtype)
+        w2 = (torch.randn(e, d, i) / i**0.5).to(dtype)
+        ws13 = (torch.randn(2 * i_s, d) / d**0.5).to(dtype)
+        sh = (ws13, (torch.randn(d, i_s) / i_s**0.5).to(dtype)) if shared else None
+        weights, ids = route(torch.randn(t, e), k)
+        outs = []
+        for dot in (False, True):
+            monkeypatch.setattr(gemv_impl, "MOE_UP_DOT", dot)
+            outs.append(fused_moe_decode(x, w13, w2, weights, ids, tiles=tiles, shared=sh))
+        if dtype == torch.float32:
+            assert torch.equal(outs[0], outs[1]) and spy.launches == 0  # only fp16 takes it
+        else:
+            assert spy.launches == 1
+            assert _rel(outs[1], outs[0]) < 2e-3
+            if not shared:
+                assert _rel(outs[1], fused_moe_ref(x, w13, w2, weights, ids)) < 2e-3
+            spy.launches = 0
+
+
+@needs_triton
+def test_moe_up_as_dots_only_from_two_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token keeps the FMA up launch (the dots lose there, bench/RESULTS.md)."""
+    import kernels.triton_impl.gemv as gemv_impl
+    from kernels.triton_impl.gemv import MoeDecodeTiles, fused_moe_decode
+
+    taken = []
+
+    class Grids:  # records the dot kernel's launch grids, launches nothing
+        def __getitem__(self, grid):
+            taken.append(grid)
+
+    monkeypatch.setattr(gemv_impl, "_moe_up_dot_kernel", Grids())
+    e, k, d, i = 5, 2, 32, 16
+    tiles = MoeDecodeTiles(16, 32, 8, 16, 2, up_dot=(16, 32, 2, 1))
+    w13, w2 = torch.randn(e, 2 * i, d).half(), torch.randn(e, d, i).half()
+    weights, ids = route(torch.randn(1, e), k)
+    fused_moe_decode(torch.randn(1, d).half(), w13, w2, weights, ids, tiles=tiles)
+    assert taken == []
+    weights, ids = route(torch.randn(2, e), k)
+    with pytest.raises(TypeError):  # the stand-in returns None for the launch
+        fused_moe_decode(torch.randn(2, d).half(), w13, w2, weights, ids, tiles=tiles)
+    assert taken == [(2 * k * 1,)]
+
+
+@needs_triton
 def test_fused_moe_takes_decode_path(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     real = moe_impl.fused_moe_decode
