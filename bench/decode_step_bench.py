@@ -196,6 +196,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "-qkv-norm": {_QKV_NORM: False},  # the layer's input norm as its own launch before qkv
     # the routed up launch as tensor-core dots with pipelined loads (on at 2-4 tokens):
     # at every batch, and the tiles (columns, K, stages, warps)
+    "logits-fp32": {"engine.models.ernie45:LOGITS_FP32": True},  # the LM head's output upcast
     "up-dot-b1": {_UP_DOT_MIN: 1},
     "-up-dot": {_UP_DOT: False},
     "up-dot-after-wait": {_UP_DOT_END: False},  # the down let in after the up's wait
@@ -279,6 +280,7 @@ EXACT = {
     "o-pre3",
     "o-2x512-2w-pre4",
     "qkv-pre4",
+    "logits-fp32",
 }  # launch switches only: logits must be bit-identical
 
 

@@ -429,7 +429,22 @@ def kernel_checks(dev: torch.device, tiny: bool, only: set[str] | None = None) -
             if sync_buffer(dev).any():
                 FAILURES.append(f"attention_block ctx={seq}: counters not back at zero")
 
+    def check_argmax() -> None:
+        # greedy sampling's row argmax: exact, ties to the first column, like torch
+        from kernels.argmax import argmax
+
+        vocab = 1000 if tiny else 103424
+        for b in (1, 4) if tiny else (1, 64, 256):
+            x = rnd(b, vocab)
+            x[:, vocab // 3] = x[:, vocab - 1] = x.max() + 1  # a tie across splits
+            got, ref = argmax(x, impl=impl), x.argmax(dim=-1)
+            RESULTS["kernel_checks"][f"argmax B={b}"] = bool(torch.equal(got, ref))
+            if not torch.equal(got, ref):
+                FAILURES.append(f"argmax B={b}: differs from torch.argmax")
+            log(f"  argmax B={b}: {'ok' if torch.equal(got, ref) else 'MISMATCH'}")
+
     for name, fn in [
+        ("argmax", check_argmax),
         ("attention_block", check_attention_block),
         ("rms_norm", check_rms_norm),
         ("rotary", check_rotary),

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from engine.layers.attention import AttentionMetadata, KVCache
+from kernels.decode_inputs import decode_inputs
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -92,19 +93,38 @@ class DecodeGraphs:
             make_graph = lambda: CudaStepGraph(pool)  # noqa: E731
         self.make_graph = make_graph
         b = self.buckets[-1]
-        # R = 1 (ids) + position_rows + 1 (slots) + 1 (seq lens); one host->device copy
-        self.num_rows = position_rows + 3
+        # R = 1 (ids) + 1 (src) + position_rows + 1 (slots) + 1 (seq lens); one host->device
+        # copy. src[i] >= 0: row i's id is fed[src[i]], sampled on the device by the step before
+        self.num_rows = r = position_rows + 4
+        # One int64 buffer on each side, copied as one prefix a step: the rows [R, B], a
+        # header (n, width), then the step's block table packed [n, width] as int32 (the
+        # graph's first launch spreads it into the [B, W] table it reads: one copy, not two).
+        self._head = r * b + 2  # words before the staged table
+        words = self._head + (b * self.width + 1) // 2
         pin = device.type == "cuda"
-        self.host = torch.zeros(self.num_rows, b, dtype=torch.long, pin_memory=pin)  # [R, B]
-        # the step's block table, packed [n, w] at the front (pinned: an async copy)
-        self.host_tables = torch.zeros(b * self.width, dtype=torch.int32, pin_memory=pin)
+        self.host_all = torch.zeros(words, dtype=torch.long, pin_memory=pin)
+        self.host = self.host_all[: r * b].view(r, b)  # [R, B]
+        self.host_header = self.host_all[r * b : self._head]  # [2] = (n, width)
+        self.host_tables = self.host_all[self._head :].view(torch.int32)  # >= B * W
         self.host_np, self.host_tables_np = self.host.numpy(), self.host_tables.numpy()
+        self.host_header_np = self.host_header.numpy()
+        self._arange = np.arange(b, dtype=np.int64)
         self.copied = torch.cuda.Event() if pin else None  # the last copy out of the host
-        self.packed = torch.zeros(self.num_rows, b, dtype=torch.long, device=device)  # [R, B]
+        self.dev_all = torch.zeros(words, dtype=torch.long, device=device)
+        self.packed = self.dev_all[: r * b].view(r, b)  # [R, B]
+        self.header = self.dev_all[r * b : self._head]
+        self.staged = self.dev_all[self._head :].view(torch.int32)
         self.seq_lens = torch.ones(b, dtype=torch.int32, device=device)  # [B]
+        self.fed = torch.zeros(b, dtype=torch.long, device=device)  # [B] sampled ids
+        self.ids = torch.zeros(b, dtype=torch.long, device=device)  # [B] the step's ids
         self.tables = torch.zeros(b, self.width, dtype=torch.int32, device=device)  # [B, W]
         self.query_start = torch.arange(b + 1, dtype=torch.int32, device=device)  # [B + 1]
         self.graphs: dict[int, tuple[StepGraph, torch.Tensor]] = {}
+
+    def token_buffer(self, n: int) -> torch.Tensor | None:
+        """Where the sampler may write a step's n tokens (`fed[:n]`) so that the next captured
+        step reads them without a copy; None above the largest bucket."""
+        return self.fed[:n] if n <= self.fed.shape[0] else None
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)
@@ -114,13 +134,14 @@ class DecodeGraphs:
         KV write), one key of context."""
         h = self.host_np
         h[:, batch:bucket] = 0
+        h[1, batch:bucket] = -1
         h[-2, batch:bucket] = -1
         h[-1, batch:bucket] = 1
 
     def _step(self, b: int) -> Callable[[], torch.Tensor]:
         packed = self.packed[:, :b]
-        ids, slots = packed[0], packed[-2]
-        positions = packed[1:-2] if self.position_rows == 3 else packed[1]
+        ids, slots = self.ids[:b], packed[-2]
+        positions = packed[2:-2] if self.position_rows == 3 else packed[2]
         meta = AttentionMetadata(
             slot_mapping=slots,
             block_tables=self.tables[:b],
@@ -129,7 +150,11 @@ class DecodeGraphs:
         )
 
         def step() -> torch.Tensor:
-            self.seq_lens[:b].copy_(packed[-1])  # int64 -> int32 inside the graph
+            # the ids (host or fed), int32 lengths and the block table, inside the graph
+            decode_inputs(
+                packed[0], packed[1], self.fed, packed[-1], ids, self.seq_lens[:b],
+                tables=(self.header, self.staged, self.tables[:b]),
+            )  # fmt: skip
             hidden = self.model(ids, positions, self.kv_caches, meta)  # decode: all text
             return self.model.compute_logits(hidden)  # [b, V]
 
@@ -138,8 +163,11 @@ class DecodeGraphs:
     def _graph(self, b: int) -> tuple[StepGraph, torch.Tensor]:
         if b not in self.graphs:
             # Capture on padding rows only: the warm-up run must not write the KV cache.
+            if self.copied is not None:
+                self.copied.synchronize()  # the host buffers may still be in flight
             self._pad_inputs(0)
-            self.packed.copy_(self.host)
+            self.host_header_np[:] = 0  # no table rows
+            self.dev_all[: self._head].copy_(self.host_all[: self._head])
             graph = self.make_graph()
             self.graphs[b] = (graph, graph.capture(self._step(b)))
         return self.graphs[b]
@@ -157,8 +185,9 @@ class DecodeGraphs:
 
         positions `[position_rows, n]` (or `[n]`), or one int per sequence for text rows
         (the same on every position row); tables: each sequence's block ids. `device_ids`
-        `[n]` (int64, on the device) replaces `ids`: copied in on the stream, after the
-        host rows, so the step can take tokens the host has not read back yet."""
+        `[n]` (int64, on the device) replaces `ids`, so the step can take tokens the host has
+        not read back yet: read by the graph from `fed`, where the sampler put them
+        (`token_buffer`), or copied there on the stream first."""
         n = len(ids)
         b = self.bucket(n)
         width = max(map(len, tables))
@@ -168,21 +197,25 @@ class DecodeGraphs:
         graph, out = self._graph(b)
         h = self.host_np  # numpy views of the pinned buffers: cheap element writes
         h[0, :n] = ids
-        if isinstance(positions, list):
-            h[1:-2, :n] = positions  # text rows: the same position on every row
+        if device_ids is None:
+            h[1, :n] = -1
         else:
-            h[1:-2, :n] = positions.reshape(self.position_rows, n).numpy()
+            h[1, :n] = self._arange[:n]
+            if device_ids.data_ptr() != self.fed.data_ptr() or not device_ids.is_contiguous():
+                self.fed[:n].copy_(device_ids)  # after the step in flight read fed
+        if isinstance(positions, list):
+            h[2:-2, :n] = positions  # text rows: the same position on every row
+        else:
+            h[2:-2, :n] = positions.reshape(self.position_rows, n).numpy()
         h[-2, :n] = slots
         h[-1, :n] = seq_lens
         if n < b:
             self._pad_inputs(n, b)
-        self.packed.copy_(self.host, non_blocking=True)  # one contiguous copy of a few KB
-        if device_ids is not None:
-            self.packed[0, :n].copy_(device_ids)
         # Entries past a sequence's blocks stay stale: the kernels never read them.
         block_table(tables, width, self.host_tables_np[: n * width].reshape(n, width))
-        staged = self.host_tables[: n * width].view(n, width)
-        self.tables[:n, :width].copy_(staged, non_blocking=True)
+        self.host_header_np[:] = (n, width)
+        words = self._head + (n * width + 1) // 2
+        self.dev_all[:words].copy_(self.host_all[:words], non_blocking=True)  # one copy
         if self.copied is not None:
             self.copied.record()
         graph.replay()

@@ -46,6 +46,11 @@ ASYNC_WITH_ARRIVALS = False
 an arrival makes the next call read the tokens first). Off: not shown faster on the H200
 yet (bench/RESULTS.md, session 9); the tests run both."""
 
+TOKENS_COPY_BESIDE = True
+"""A step's sampled tokens go to the host on a copy stream of their own, so the copy is not
+in the main stream between the sampling and the next step's input copies (each hop between
+a kernel and a copy there waited ~4.5 us on an H200). False: on the main stream."""
+
 AfterLayer = Callable[[ScheduledStep, int], None]
 """Called with the step's plan once layer i's KV is in the cache (KV streaming)."""
 
@@ -228,6 +233,8 @@ class LLMEngine:
         self._inflight: _Launched | None = None
         """The step launched ahead (async scheduling), its tokens still on the device."""
         self._undelivered: list[RequestOutput] = []
+        self._copy_stream: torch.cuda.Stream | None = None  # the tokens' copies to the host
+        self._tokens_read: torch.cuda.Event | None = None  # the last of them is done
         """Outputs read while a failed launch ahead raised: the next call returns them."""
 
     def _start_tensor_parallel(self, args: EngineArgs) -> int:
@@ -445,14 +452,34 @@ class LLMEngine:
         rows = _stack_rows(logits) if len(done) == len(logits) else None
         if rows is None:
             rows = torch.cat([lg for lg in logits if lg.shape[0] > 0])
-        sampled = self.sampler(rows, [r.sampling for r in done])
+        # with async scheduling the next step reads these tokens on the device: from the
+        # decode graphs' buffer, without a copy, where the sampler can write them there
+        buffer = getattr(self.runner, "token_buffer", None)
+        out = buffer(len(done)) if self.async_scheduling and buffer is not None else None
+        if out is not None and out.is_cuda and self._tokens_read is not None:
+            # the last step's tokens leave the buffer on the copy stream: not overwritten first
+            torch.cuda.current_stream(out.device).wait_event(self._tokens_read)
+        sampled = self.sampler(rows, [r.sampling for r in done], out)
         tokens = sampled.sampled_token_ids
         host, ready = tokens, None
+        if out is not None and not tokens.is_cuda:
+            host = tokens.clone()  # the next step's sampling overwrites the buffer at once
         if tokens.is_cuda:  # a pinned copy and an event: reading it waits for this step only
             host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            if TOKENS_COPY_BESIDE:
+                side = self._copy_stream
+                if side is None:
+                    side = self._copy_stream = torch.cuda.Stream(tokens.device)
+                side.wait_stream(torch.cuda.current_stream(tokens.device))
+                with torch.cuda.stream(side):
+                    host.copy_(tokens, non_blocking=True)
+                    ready.record(side)
+                tokens.record_stream(side)  # not reused by the main stream before the copy
+                self._tokens_read = ready
+            else:
+                host.copy_(tokens, non_blocking=True)
+                ready.record()
         return _Launched(requests, done, tokens, host, ready, sampled.logprobs)
 
     def _resolve(self, launched: _Launched) -> list[RequestOutput]:

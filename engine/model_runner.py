@@ -154,6 +154,11 @@ class ModelRunner:
             return (p if rows == 1 else p.expand(rows, -1)).to(dev)
         return torch.cat([s.position_tensor(rows).to(dev) for s in seqs], dim=-1)
 
+    def token_buffer(self, n: int) -> torch.Tensor | None:
+        """Where a step's n sampled tokens may go so that a captured next step reads them
+        without a copy (`DecodeGraphs.token_buffer`); None without graphs."""
+        return None if self.graphs is None else self.graphs.token_buffer(n)
+
     def _graphable(self, seqs: list[StepSequence]) -> bool:
         """One new text token per sequence, no media rows in it, and a captured size fits."""
         g = self.graphs

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.sampling_params import SamplingParams
+from kernels.argmax import argmax
 
 _MASK64 = 2**64 - 1
 _NEG_INF = float("-inf")
@@ -199,20 +200,33 @@ class Sampler:
         self.generator = generator
 
     def __call__(
-        self, logits: torch.Tensor, states: Sequence[RequestSamplingState]
+        self,
+        logits: torch.Tensor,
+        states: Sequence[RequestSamplingState],
+        out: torch.Tensor | None = None,
     ) -> SamplerOutput:
-        return self.sample(logits, states)
+        return self.sample(logits, states, out)
 
-    def sample(self, logits: torch.Tensor, states: Sequence[RequestSamplingState]) -> SamplerOutput:
-        """Pick the next token of each row. `logits` is [B, V] (any float dtype), left untouched."""
+    def sample(
+        self,
+        logits: torch.Tensor,
+        states: Sequence[RequestSamplingState],
+        out: torch.Tensor | None = None,
+    ) -> SamplerOutput:
+        """Pick the next token of each row. `logits` is [B, V] (any float dtype), left untouched.
+
+        `out` (`[B]` int64 on the logits' device): where a batch of plain greedy rows writes
+        its tokens (the decode graphs' `fed` buffer, which the next captured step reads);
+        other batches return a new tensor."""
         # B requests, V vocab
         if logits.dim() != 2 or logits.shape[0] != len(states):
             raise ValueError(
                 f"logits must be [B, V] with B = {len(states)} states, got {tuple(logits.shape)}"
             )
         if all(_plain_greedy(s) for s in states):
-            # argmax of the float32 logits: what the full path below returns for such rows
-            return SamplerOutput(logits.float().argmax(dim=-1), None)
+            # what the full path below returns for such rows (the argmax of the float32
+            # logits: the 16-bit ones upcast exactly, so their argmax is the same)
+            return SamplerOutput(argmax(logits, out=out), None)
         vocab_size = logits.shape[1]
         batch = _BatchParams.build(states, vocab_size, logits.device)
         logits = logits.to(torch.float32, copy=True)  # [B, V], ours to modify in place
@@ -222,7 +236,7 @@ class Sampler:
 
         apply_penalties(logits, states)
         apply_min_tokens(logits, states)
-        tokens = logits.argmax(dim=-1)  # [B] greedy choice, the answer for greedy rows
+        tokens = argmax(logits)  # [B] greedy choice, the answer for greedy rows
         if batch.any_random:
             sampled = self._sample_random(logits, states, batch)  # [B]
             tokens = torch.where(batch.greedy, tokens, sampled)
@@ -245,7 +259,7 @@ class Sampler:
             logits = apply_min_p(logits, batch.min_p)
         probs = logits.softmax(dim=-1)  # [B, V]
         q = self._exponentials(states, probs)  # [B, V]
-        return probs.div_(q).argmax(dim=-1)
+        return argmax(probs.div_(q))
 
     def _exponentials(
         self, states: Sequence[RequestSamplingState], probs: torch.Tensor

@@ -81,3 +81,27 @@ def test_after_layer_and_long_batches_run_eagerly() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_graph_decode_matches_eager_cuda() -> None:
     _decode_both(torch.device("cuda"), torch.float32, atol=2e-3)
+
+
+def test_device_ids_from_the_token_buffer_or_copied_in() -> None:
+    """A step may take its ids from the device: read by the graph from the sampler's buffer
+    (`token_buffer`, no copy), or copied into it first; both give the host ids' logits."""
+    model, cfg = load_model(ensure_tiny_model(), torch.float32, torch.device("cpu"))
+    runs = [_runner(model, cfg, torch.device("cpu"), True) for _ in range(3)]
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    for r in runs:
+        r.run([_seq(p, 0, b) for b, p in enumerate(prompts)])
+    lens = [len(p) for p in prompts]
+    for step, tok in enumerate(([7, 8], [10, 11], [12, 13])):
+        seqs = [_seq([0], lens[b], b) for b in range(2)]  # the host rows' ids are not these
+        want = runs[0].run([_seq([t], lens[b], b) for b, t in enumerate(tok)])
+        buf = runs[1].token_buffer(2)
+        buf.copy_(torch.tensor(tok))  # as the sampler writes it
+        fed = runs[1].run(seqs, token_ids=buf)
+        copied = runs[2].run(seqs, token_ids=torch.tensor(tok))  # another tensor: copied in
+        for w, a, b in zip(want, fed, copied, strict=True):
+            torch.testing.assert_close(a, w, atol=1e-5, rtol=0)
+            torch.testing.assert_close(b, w, atol=1e-5, rtol=0)
+        assert torch.equal(runs[2].token_buffer(2), torch.tensor(tok)), step
+        lens = [n + 1 for n in lens]
+    assert runs[1].token_buffer(5) is None  # past the largest bucket (4)
