@@ -198,6 +198,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # at every batch, and the tiles (columns, K, stages, warps)
     "logits-fp32": {"engine.models.ernie45:LOGITS_FP32": True},  # the LM head's output upcast
     "up-dot-b1": {_UP_DOT_MIN: 1},
+    # and the shared down beside the up launch (added by the down launch), not after it
+    "up-dot-b1-nodefer": {_UP_DOT_MIN: 1, _DEFER: False},
+    "up-dot-b1-after-wait-nodefer": {_UP_DOT_MIN: 1, _UP_DOT_END: False, _DEFER: False},
     "-up-dot": {_UP_DOT: False},
     "up-dot-after-wait": {_UP_DOT_END: False},  # the down let in after the up's wait
     "up-dot-s4": _moe(up_dot=(16, 128, 4, 1)),
