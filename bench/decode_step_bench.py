@@ -197,6 +197,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the routed up launch as tensor-core dots with pipelined loads (on at 2-4 tokens):
     # at every batch, and the tiles (columns, K, stages, warps)
     "logits-fp32": {"engine.models.ernie45:LOGITS_FP32": True},  # the LM head's output upcast
+    "-rope-table": {"engine.layers.rotary:FUSED_TABLE": False},  # the cos | sin table in torch
     "up-dot-b1": {_UP_DOT_MIN: 1},
     # and the shared down beside the up launch (added by the down launch), not after it
     "up-dot-b1-nodefer": {_UP_DOT_MIN: 1, _DEFER: False},
@@ -284,6 +285,7 @@ EXACT = {
     "o-2x512-2w-pre4",
     "qkv-pre4",
     "logits-fp32",
+    "-rope-table",
 }  # launch switches only: logits must be bit-identical
 
 

@@ -443,8 +443,25 @@ def kernel_checks(dev: torch.device, tiny: bool, only: set[str] | None = None) -
                 FAILURES.append(f"argmax B={b}: differs from torch.argmax")
             log(f"  argmax B={b}: {'ok' if torch.equal(got, ref) else 'MISMATCH'}")
 
+    def check_rope_table() -> None:
+        # a decode step's cos | sin table in one launch against torch's six (libdevice both)
+        from kernels.rotary import mrope_pair_axes, rope_inv_freq, rope_table, rope_table_ref
+
+        inv = rope_inv_freq(d, 500000.0).to(dev)
+        axis = mrope_pair_axes(d, [22, 22, 20] if d == 128 else [d // 8, d // 8, d // 4]).to(dev)
+        for t in (1, 7) if tiny else (1, 256, 4096):
+            for three in (False, True):
+                pos = torch.randint(0, 131072, (3, t) if three else (t,), generator=g).to(dev)
+                got = rope_table(pos, inv, axis if three else None, impl=impl)
+                ref = rope_table_ref(pos, inv, axis if three else None)
+                tag = f"rope_table {'3-D' if three else '1-D'} T={t}"
+                RESULTS["kernel_checks"][f"{tag} bit-identical"] = bool(torch.equal(got, ref))
+                _err(tag, got, ref, 1e-6)
+                log(f"  {tag}: bit-identical {torch.equal(got, ref)}")
+
     for name, fn in [
         ("argmax", check_argmax),
+        ("rope_table", check_rope_table),
         ("attention_block", check_attention_block),
         ("rms_norm", check_rms_norm),
         ("rotary", check_rotary),

@@ -58,6 +58,35 @@ def rope_cos_sin(
     return freqs.cos(), freqs.sin()
 
 
+def rope_table(
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    axis: torch.Tensor | None = None,
+    impl: Impl = None,
+) -> torch.Tensor:
+    """``[T, D]`` fp32 ``cos | sin`` of each token's angles: pair j of token i turns by
+    ``positions[axis[j], i] * inv_freq[j]`` (``[3, T]`` positions and ``axis [D/2]``) or
+    ``positions[i] * inv_freq[j]`` (``[T]``). One launch on CUDA instead of six (cast,
+    gather, product, cos, sin, concatenation); libdevice's cos and sin, which torch's CUDA
+    kernels call too."""
+    if use_triton(positions, impl):
+        from kernels.triton_impl.rotary import rope_table_triton
+
+        return rope_table_triton(positions, inv_freq, axis)
+    return rope_table_ref(positions, inv_freq, axis)
+
+
+def rope_table_ref(
+    positions: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor | None = None
+) -> torch.Tensor:
+    if positions.dim() == 1:
+        angles = positions[:, None].float() * inv_freq
+    else:
+        assert axis is not None, "3-D positions need each pair's axis"
+        angles = positions.float()[axis].transpose(0, 1) * inv_freq
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
 def _positions_per_pair(
     positions: torch.Tensor, head_dim: int, mrope_section: list[int] | tuple[int, ...] | None
 ) -> torch.Tensor:

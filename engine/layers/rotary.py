@@ -13,6 +13,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kernels.rotary import rope_table
+
+FUSED_TABLE = True
+"""`TextRotary.step_table` builds the step's cos | sin table in one launch on CUDA
+(`kernels.rotary.rope_table`) instead of six torch launches; read at trace time."""
+
 
 class TextRotary(nn.Module):
     """Angles for positions `[T]` (1-D) or `[3, T]` (t, h, w) and their application."""
@@ -55,9 +61,13 @@ class TextRotary(nn.Module):
         Token i's angles sit in row i, so `kernels.rotary_embedding(q, k, rows, table)` rotates
         q and k in one launch per layer. Built once per step (3-D positions resolved here), so
         no table of every position is kept and any position works."""
-        cos, sin = self.cos_sin(positions)
-        rows = torch.arange(cos.shape[0], device=cos.device)
-        return torch.cat([cos, sin], dim=-1), rows
+        if not FUSED_TABLE:
+            cos, sin = self.cos_sin(positions)
+            rows = torch.arange(cos.shape[0], device=cos.device)
+            return torch.cat([cos, sin], dim=-1), rows
+        axis = self.axis if positions.dim() == 2 else None
+        table = rope_table(positions, self.inv_freq, axis)  # one launch on CUDA
+        return table, torch.arange(table.shape[0], device=table.device)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from kernels._dispatch import next_pow2, use_pdl
+from kernels._dispatch import interpreting, next_pow2, use_pdl
 from kernels.triton_impl.pdl import pdl_enter
 
 
@@ -141,3 +142,51 @@ def rotary_embedding_triton(
         PDL=pdl,
         launch_pdl=pdl,
     )
+
+
+@triton.jit
+def _rope_table_kernel(
+    pos_ptr, inv_freq_ptr, axis_ptr, table_ptr, T, stride_p, HALF: tl.constexpr,
+    AXES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, LIBDEVICE: tl.constexpr,
+):  # fmt: skip
+    # table[t] = cos(p * inv_freq) | sin(p * inv_freq), p = positions[axis[j], t] for pair j
+    # (AXES = 3) or positions[t] (AXES = 1); libdevice cos/sin, as torch's CUDA cos/sin
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, BLOCK_J)
+    mask_j = offs_j < HALF
+    mask = (offs_t < T)[:, None] & mask_j[None, :]
+    if AXES == 3:
+        axis = tl.load(axis_ptr + offs_j, mask=mask_j, other=0)  # [BLOCK_J]
+        pos = tl.load(pos_ptr + axis[None, :] * stride_p + offs_t[:, None], mask=mask, other=0)
+    else:
+        pos = tl.load(pos_ptr + offs_t[:, None] + offs_j[None, :] * 0, mask=mask, other=0)
+    inv_freq = tl.load(inv_freq_ptr + offs_j, mask=mask_j, other=0.0)
+    angle = pos.to(tl.float32) * inv_freq[None, :]  # [BLOCK_T, BLOCK_J]
+    row = table_ptr + offs_t[:, None].to(tl.int64) * (2 * HALF) + offs_j[None, :]
+    if LIBDEVICE:
+        tl.store(row, libdevice.cos(angle), mask=mask)
+        tl.store(row + HALF, libdevice.sin(angle), mask=mask)
+    else:  # the interpreter has no libdevice
+        tl.store(row, tl.cos(angle), mask=mask)
+        tl.store(row + HALF, tl.sin(angle), mask=mask)
+
+
+def rope_table_triton(
+    positions: torch.Tensor, inv_freq: torch.Tensor, axis: torch.Tensor | None
+) -> torch.Tensor:
+    half = inv_freq.shape[0]
+    t = positions.shape[-1]
+    table = torch.empty(t, 2 * half, dtype=torch.float32, device=positions.device)
+    if t == 0:
+        return table
+    assert positions.stride(-1) == 1 and inv_freq.is_contiguous(), positions.stride()
+    axes = 3 if positions.dim() == 2 else 1
+    if axes == 3:
+        assert axis is not None and axis.is_contiguous() and positions.shape[0] == 3
+    block_t = 16
+    _rope_table_kernel[(triton.cdiv(t, block_t),)](
+        positions, inv_freq, axis if axis is not None else inv_freq, table, t,
+        positions.stride(0) if axes == 3 else 0, HALF=half, AXES=axes, BLOCK_T=block_t,
+        BLOCK_J=next_pow2(half), LIBDEVICE=not interpreting(), num_warps=4,
+    )  # fmt: skip
+    return table

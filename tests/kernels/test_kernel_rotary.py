@@ -172,3 +172,22 @@ def test_triton_rotary_writes_kv_cache_like_write_kv(hkv: int, d: int, dtype: to
     torch.testing.assert_close(got_k, want_k, atol=tol, rtol=tol)
     assert torch.equal(got_v, want_v)
     assert got_k.view(-1, hkv, d)[slots[slots >= 0]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("three_d", [False, True])
+def test_rope_table_matches_the_torch_table(three_d: bool) -> None:
+    """`rope_table` (one launch) against torch's cast, gather, product, cos, sin and concat:
+    the same angles, cos and sin to the last bit in fp32 on a GPU (libdevice); numpy's in
+    the interpreter differ by an ulp."""
+    from kernels._dispatch import interpreting, triton_available
+    from kernels.rotary import mrope_pair_axes, rope_inv_freq, rope_table, rope_table_ref
+
+    if not (triton_available() and interpreting()):
+        pytest.skip("needs triton and TRITON_INTERPRET=1")
+    inv_freq = rope_inv_freq(20, 10000.0)  # 10 pairs: a padded block of 16
+    axis = mrope_pair_axes(20, [4, 4, 2]) if three_d else None
+    pos = torch.randint(0, 100_000, (3, 37) if three_d else (37,))  # 37: a ragged last block
+    got = rope_table(pos, inv_freq, axis, impl="triton")
+    want = rope_table_ref(pos, inv_freq, axis)
+    assert got.shape == (37, 20) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=2e-7, rtol=0)
