@@ -202,7 +202,9 @@ class DecodeGraphs:
         else:
             h[1, :n] = self._arange[:n]
             if device_ids.data_ptr() != self.fed.data_ptr() or not device_ids.is_contiguous():
-                self.fed[:n].copy_(device_ids)  # after the step in flight read fed
+                # stream order puts this after the step in flight read fed; the engine makes
+                # the stream wait for the last tokens' copy to the host out of it first
+                self.fed[:n].copy_(device_ids)
         if isinstance(positions, list):
             h[2:-2, :n] = positions  # text rows: the same position on every row
         else:

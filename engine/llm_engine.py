@@ -233,9 +233,9 @@ class LLMEngine:
         self._inflight: _Launched | None = None
         """The step launched ahead (async scheduling), its tokens still on the device."""
         self._undelivered: list[RequestOutput] = []
+        """Outputs read while a failed launch ahead raised: the next call returns them."""
         self._copy_stream: torch.cuda.Stream | None = None  # the tokens' copies to the host
         self._tokens_read: torch.cuda.Event | None = None  # the last of them is done
-        """Outputs read while a failed launch ahead raised: the next call returns them."""
 
     def _start_tensor_parallel(self, args: EngineArgs) -> int:
         """Check the split, start ranks 1..N-1, load rank 0 here; the number of blocks."""
@@ -545,6 +545,10 @@ class LLMEngine:
                 index = host_to_device([dst, src], torch.long, ids.device)
                 host[index[0]] = ids[index[1]]
                 ids = host
+                if ids.is_cuda and self._tokens_read is not None:
+                    # the graphs copy these ids into the buffer that may still hold
+                    # `launched`'s tokens on their way to the host (copy stream): not before
+                    torch.cuda.current_stream(ids.device).wait_event(self._tokens_read)
         return self._run_plan(plan, seqs, token_ids=ids)
 
     def _async_ok(self, req: Request) -> bool:

@@ -27,7 +27,9 @@ def argmax(
     if out is not None:
         assert out.shape == logits.shape[:1] and out.dtype == torch.int64, (out.shape, out.dtype)
         assert out.is_contiguous() and out.device == logits.device, "out: contiguous, same device"
-    if use_triton(logits, impl) and logits.shape[0] > 0 and logits.shape[1] > 0:
+    # (float64 would lose distinctions in the kernel's float32 compares: torch's argmax)
+    triton_dtype = logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if use_triton(logits, impl) and triton_dtype and logits.shape[0] > 0 and logits.shape[1] > 0:
         from kernels.triton_impl.argmax import argmax_triton
 
         return argmax_triton(logits, out)

@@ -839,7 +839,12 @@ def fused_moe_decode(
         return out
     h = torch.empty(t * top_k, i, dtype=x.dtype, device=x.device)  # [T*k, I]
     hs = torch.empty(t, max(i_s, 1), dtype=x.dtype, device=x.device)  # [T, Is]
-    dot = MOE_UP_DOT and t >= UP_DOT_MIN_TOKENS and w13.dtype in (torch.bfloat16, torch.float16)
+    dot = (
+        MOE_UP_DOT
+        and t >= UP_DOT_MIN_TOKENS
+        and w13.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype == w13.dtype  # tl.dot takes one dtype; the FMA loop upcasts x
+    )
     up_n = tiles.up_dot[0] if dot else tiles.up_block_n
     nb_i, nb_s = triton.cdiv(i, up_n), triton.cdiv(max(i_s, 1), up_n)
     n_shared = t * nb_s if shared is not None else 0

@@ -53,3 +53,12 @@ def test_argmax_rejects_other_shapes() -> None:
     with pytest.raises(ValueError, match=r"\[B, V\]"):
         argmax(torch.zeros(3))
     assert argmax(torch.zeros(0, 5)).shape == (0,)
+
+
+@needs_triton
+def test_argmax_float64_keeps_its_precision() -> None:
+    """Two float64 logits that round to the same float32: the later, larger one wins."""
+    logits = torch.zeros(1, 10, dtype=torch.float64)
+    logits[0, 2] = 1.0
+    logits[0, 7] = 1.0 + 1e-12
+    assert argmax(logits, impl="triton").tolist() == [7]
