@@ -160,27 +160,9 @@ def _name(dot: tuple[int, int, int, int]) -> str:
     return f"dot {dot[0]}x{dot[1]} s{dot[2]} {dot[3]}w"
 
 
-def graph_ms(fns: list[Callable[[], object]], reps: int = 20) -> float:
+def graph_ms(fns: list[Callable[[], object]]) -> float:
     """Median ms a launch of a CUDA graph replaying every fn once (each on other weights)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile outside the capture
-        for f in fns:
-            f()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / len(fns))
-    return sorted(times)[reps // 2]
+    return gb._graph_ms(lambda: [f() for f in fns], torch.device("cuda")) / len(fns)
 
 
 def main() -> int:

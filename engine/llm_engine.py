@@ -456,9 +456,8 @@ class LLMEngine:
         # decode graphs' buffer, without a copy, where the sampler can write them there
         buffer = getattr(self.runner, "token_buffer", None)
         out = buffer(len(done)) if self.async_scheduling and buffer is not None else None
-        if out is not None and out.is_cuda and self._tokens_read is not None:
-            # the last step's tokens leave the buffer on the copy stream: not overwritten first
-            torch.cuda.current_stream(out.device).wait_event(self._tokens_read)
+        if out is not None:
+            self._after_tokens_read(out)  # the buffer still holds the last step's tokens
         sampled = self.sampler(rows, [r.sampling for r in done], out)
         tokens = sampled.sampled_token_ids
         host, ready = tokens, None
@@ -545,11 +544,14 @@ class LLMEngine:
                 index = host_to_device([dst, src], torch.long, ids.device)
                 host[index[0]] = ids[index[1]]
                 ids = host
-                if ids.is_cuda and self._tokens_read is not None:
-                    # the graphs copy these ids into the buffer that may still hold
-                    # `launched`'s tokens on their way to the host (copy stream): not before
-                    torch.cuda.current_stream(ids.device).wait_event(self._tokens_read)
+                self._after_tokens_read(ids)  # the graphs copy these into the token buffer
         return self._run_plan(plan, seqs, token_ids=ids)
+
+    def _after_tokens_read(self, t: torch.Tensor) -> None:
+        """Order the current stream's next work after the last tokens' copy to the host (on
+        the copy stream): it writes the decode graphs' token buffer, which holds them."""
+        if t.is_cuda and self._tokens_read is not None:
+            torch.cuda.current_stream(t.device).wait_event(self._tokens_read)
 
     def _async_ok(self, req: Request) -> bool:
         """Whether the request's next token can be sampled before its last one is known:

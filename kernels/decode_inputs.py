@@ -41,18 +41,6 @@ def decode_inputs(
 
         decode_inputs_triton(host_ids, src, fed, lens, ids_out, lens_out, tables)
         return
-    decode_inputs_ref(host_ids, src, fed, lens, ids_out, lens_out, tables)
-
-
-def decode_inputs_ref(
-    host_ids: torch.Tensor,
-    src: torch.Tensor,
-    fed: torch.Tensor,
-    lens: torch.Tensor,
-    ids_out: torch.Tensor,
-    lens_out: torch.Tensor,
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> None:
     ids_out.copy_(torch.where(src >= 0, fed[src.clamp(min=0)], host_ids))
     lens_out.copy_(lens)
     if tables is not None:

@@ -45,28 +45,15 @@ class TextRotary(nn.Module):
                 self.axis[:hw:2] = 1
                 self.axis[1:hw:2] = 2
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions `[T]` or `[3, T]` -> cos, sin `[T, D/2]` in fp32."""
-        if positions.dim() == 1:
-            angles = positions[:, None].float() * self.inv_freq
-        else:
-            # [T, D/2]: pair j of token i uses positions[axis[j], i]
-            per_pair = positions.float()[self.axis].transpose(0, 1)
-            angles = per_pair * self.inv_freq
-        return angles.cos(), angles.sin()
-
     def step_table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions `[T]` or `[3, T]` -> (table `[T, D]` fp32 = cos | sin, rows `[T]` int64).
 
         Token i's angles sit in row i, so `kernels.rotary_embedding(q, k, rows, table)` rotates
         q and k in one launch per layer. Built once per step (3-D positions resolved here), so
         no table of every position is kept and any position works."""
-        if not FUSED_TABLE:
-            cos, sin = self.cos_sin(positions)
-            rows = torch.arange(cos.shape[0], device=cos.device)
-            return torch.cat([cos, sin], dim=-1), rows
-        axis = self.axis if positions.dim() == 2 else None
-        table = rope_table(positions, self.inv_freq, axis)  # one launch on CUDA
+        axis = self.axis if positions.dim() == 2 else None  # pair j reads row axis[j]
+        impl = None if FUSED_TABLE else "torch"
+        table = rope_table(positions, self.inv_freq, axis, impl=impl)  # one launch on CUDA
         return table, torch.arange(table.shape[0], device=table.device)
 
     @staticmethod

@@ -528,6 +528,58 @@ early PDL +0.135 ms against plain; late PDL -0.012 against plain. False: launche
 
 
 @triton.jit
+def _up_enter(PDL: tl.constexpr, LAUNCH_AFTER_WAIT: tl.constexpr, LAUNCH_AT_END: tl.constexpr):
+    # LAUNCH_AFTER_WAIT: the down launch reads expert ids before its own wait, so it may be
+    # scheduled only once every program here has seen the router complete. LAUNCH_AT_END:
+    # only as the programs finish their sums (the dot launch lets it in itself).
+    if LAUNCH_AT_END:
+        pdl_wait(PDL)
+    elif LAUNCH_AFTER_WAIT:
+        pdl_wait(PDL)
+        pdl_launch(PDL)
+    else:
+        pdl_enter(PDL)
+
+
+@triton.jit
+def _up_target(
+    pid, ids_ptr, w_ptr, h_ptr, ws_ptr, hs_ptr, I, IS, n_shared, stride_we, stride_wn,
+    stride_wsn, TOPK: tl.constexpr, NB_I: tl.constexpr, NB_S: tl.constexpr,
+    HAS_SHARED: tl.constexpr,
+):  # fmt: skip
+    # (token, column block, [gate; up] weight base, intermediate size, weight row stride,
+    # output row) of up program pid: the first n_shared programs serve the shared experts
+    if HAS_SHARED and pid < n_shared:
+        t = pid // NB_S
+        cb = pid % NB_S
+        base = ws_ptr
+        inter = IS
+        stride_n = stride_wsn
+        h_row = hs_ptr + t.to(tl.int64) * IS
+    else:
+        q = pid - n_shared
+        r = q // NB_I
+        cb = q % NB_I
+        t = r // TOPK
+        e = tl.load(ids_ptr + r).to(tl.int64)
+        base = w_ptr + e * stride_we
+        inter = I
+        stride_n = stride_wn
+        h_row = h_ptr + r.to(tl.int64) * I
+    return t, cb, base, inter, stride_n, h_row
+
+
+@triton.jit
+def _gated_store(gate, up, h_row, offs_n, mask_n):
+    # h = silu(gate) * up, gate and up rounded to the activation dtype first, as the unfused
+    # linear outputs are
+    gate = gate.to(h_row.dtype.element_ty).to(tl.float32)
+    up = up.to(h_row.dtype.element_ty).to(tl.float32)
+    h = gate * tl.sigmoid(gate) * up
+    tl.store(h_row + offs_n, h.to(h_row.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _moe_up_kernel(
     x_ptr,
     w_ptr,
@@ -555,33 +607,12 @@ def _moe_up_kernel(
     # h[r] = silu(w13[e][:I] @ x[t]) * (w13[e][I:] @ x[t]), r = t * TOPK + j, e = ids[r];
     # the first n_shared programs do the same for the shared experts' [gate; up] rows
     # (intermediate IS) into hs[t]. 1-D grid: (row, column block) pairs.
-    # LAUNCH_AFTER_WAIT: the down launch reads expert ids before its own wait, so it may be
-    # scheduled only once every program here has seen the router complete.
-    if LAUNCH_AFTER_WAIT:
-        pdl_wait(PDL)
-        pdl_launch(PDL)
-    else:
-        pdl_enter(PDL)
-    pid = tl.program_id(0)
-    if HAS_SHARED and pid < n_shared:
-        t = pid // NB_S
-        cb = pid % NB_S
-        base = ws_ptr
-        inter = IS
-        stride_n = stride_wsn
-        h_row = hs_ptr + t.to(tl.int64) * IS
-        offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
-    else:
-        q = pid - n_shared
-        r = q // NB_I
-        cb = q % NB_I
-        t = r // TOPK
-        e = tl.load(ids_ptr + r).to(tl.int64)
-        base = w_ptr + e * stride_we
-        inter = I
-        stride_n = stride_wn
-        h_row = h_ptr + r.to(tl.int64) * I
-        offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
+    _up_enter(PDL, LAUNCH_AFTER_WAIT, False)
+    t, cb, base, inter, stride_n, h_row = _up_target(
+        tl.program_id(0), ids_ptr, w_ptr, h_ptr, ws_ptr, hs_ptr, I, IS, n_shared, stride_we,
+        stride_wn, stride_wsn, TOPK, NB_I, NB_S, HAS_SHARED,
+    )  # fmt: skip
+    offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < inter
     g_rows = base + offs_n.to(tl.int64)[:, None] * stride_n
     u_rows = g_rows + inter * stride_n
@@ -596,11 +627,7 @@ def _moe_up_kernel(
         wu = tl.load(u_rows + offs_k[None, :], mask=wmask, other=0.0)
         acc_g += wg.to(tl.float32) * xk[None, :]
         acc_u += wu.to(tl.float32) * xk[None, :]
-    # round gate and up to the activation dtype first, as the unfused linear outputs are
-    gate = tl.sum(acc_g, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
-    up = tl.sum(acc_u, axis=1).to(h_ptr.dtype.element_ty).to(tl.float32)
-    h = gate * tl.sigmoid(gate) * up
-    tl.store(h_row + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
+    _gated_store(tl.sum(acc_g, axis=1), tl.sum(acc_u, axis=1), h_row, offs_n, mask_n)
 
 
 @triton.jit
@@ -636,31 +663,11 @@ def _moe_up_dot_kernel(
     # flight through shared memory, which it does not do for loads feeding FMAs: more bytes
     # in flight a SM, closer to the copy rate (Little's law). Another summation order than
     # the FMA loop's (both fp32), so not bit-identical to it.
-    if LAUNCH_AT_END:  # the next launch comes in as this one's programs finish their sums
-        pdl_wait(PDL)
-    elif LAUNCH_AFTER_WAIT:
-        pdl_wait(PDL)
-        pdl_launch(PDL)
-    else:
-        pdl_enter(PDL)
-    pid = tl.program_id(0)
-    if HAS_SHARED and pid < n_shared:
-        t = pid // NB_S
-        cb = pid % NB_S
-        base = ws_ptr
-        inter = IS
-        stride_n = stride_wsn
-        h_row = hs_ptr + t.to(tl.int64) * IS
-    else:
-        q = pid - n_shared
-        r = q // NB_I
-        cb = q % NB_I
-        t = r // TOPK
-        e = tl.load(ids_ptr + r).to(tl.int64)
-        base = w_ptr + e * stride_we
-        inter = I
-        stride_n = stride_wn
-        h_row = h_ptr + r.to(tl.int64) * I
+    _up_enter(PDL, LAUNCH_AFTER_WAIT, LAUNCH_AT_END)
+    t, cb, base, inter, stride_n, h_row = _up_target(
+        tl.program_id(0), ids_ptr, w_ptr, h_ptr, ws_ptr, hs_ptr, I, IS, n_shared, stride_we,
+        stride_wn, stride_wsn, TOPK, NB_I, NB_S, HAS_SHARED,
+    )  # fmt: skip
     offs_n = cb * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < inter
     offs_m = tl.arange(0, 16)
@@ -679,14 +686,11 @@ def _moe_up_dot_kernel(
         wu = tl.load(u_cols + offs_k[:, None], mask=wmask, other=0.0)
         acc_g = tl.dot(xk, wg, acc_g)
         acc_u = tl.dot(xk, wu, acc_u)
-    if LAUNCH_AT_END:
+    if LAUNCH_AT_END:  # the next launch comes in as this one's programs finish their sums
         pdl_launch(PDL)
     gate = tl.sum(tl.where(row0, acc_g, 0.0), axis=0)  # [BLOCK_N]: row 0
     up = tl.sum(tl.where(row0, acc_u, 0.0), axis=0)
-    gate = gate.to(h_ptr.dtype.element_ty).to(tl.float32)
-    up = up.to(h_ptr.dtype.element_ty).to(tl.float32)
-    h = gate * tl.sigmoid(gate) * up
-    tl.store(h_row + offs_n, h.to(h_ptr.dtype.element_ty), mask=mask_n)
+    _gated_store(gate, up, h_row, offs_n, mask_n)
 
 
 @triton.jit
