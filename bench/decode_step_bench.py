@@ -194,6 +194,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk-ranked": {_RANKED: True},  # the router's top-k by one ranking, not k argmax rounds
     "-topk-ranked": {_RANKED: False},
     "-qkv-norm": {_QKV_NORM: False},  # the layer's input norm as its own launch before qkv
+    # the shared experts' norm as its own launch before their gate_up (side stream)
+    "-norm-linear": {"kernels.gemv:NORM_LINEAR_FUSED": False},
     # the routed up launch as tensor-core dots with pipelined loads (on at 2-4 tokens):
     # at every batch, and the tiles (columns, K, stages, warps)
     "logits-fp32": {"engine.models.ernie45:LOGITS_FP32": True},  # the LM head's output upcast
@@ -281,6 +283,7 @@ EXACT = {
     "topk-ranked",
     "-topk-ranked",
     "-qkv-norm",
+    "-norm-linear",
     "o-pre3",
     "o-2x512-2w-pre4",
     "qkv-pre4",

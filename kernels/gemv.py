@@ -24,6 +24,9 @@ QKV_NORM_FUSED = True
 """``norm_qkv_rope_linear`` computes the layer's input norm inside the qkv launch (each
 program reduces the row's sum of squares itself, as the fused norm + router launch does)
 instead of a norm launch before it; read at trace time."""
+NORM_LINEAR_FUSED = True
+"""``norm_linear`` computes the norm inside the GEMV launch (as ``QKV_NORM_FUSED`` does for
+the qkv launch): the shared experts' gate_up on the side stream; read at trace time."""
 GATED_FUSED = True
 """``gated_linear`` computes ``silu(gate) * up`` inside the GEMV (one launch fewer in each
 gated MLP: the dense layer's and the shared experts'; bit-identical)."""
@@ -48,6 +51,35 @@ def linear(
     from kernels.triton_impl.gemv import gemv_triton
 
     return gemv_triton(x, weight, bias)
+
+
+def norm_linear(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    impl: Impl = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x, residual_out = kernels.rms_norm(h, norm_weight, eps, residual)`` then
+    ``linear(x, weight)``: returns (the projection, residual_out = h + residual, or h without
+    a residual). One launch where the GEMV runs (``NORM_LINEAR_FUSED``), with the norm's
+    roundings: bit-identical to the two launches."""
+    from kernels.rms_norm import rms_norm
+
+    if (
+        (NORM_LINEAR_FUSED or impl is not None)
+        and use_gemv(h, weight, impl)
+        and norm_weight.shape == (h.shape[1],)
+        and norm_weight.is_contiguous()
+        and (residual is None or (residual.shape == h.shape and residual.stride(1) == 1))
+    ):
+        from kernels.triton_impl.gemv import gemv_triton
+
+        res_out = h if residual is None else torch.empty_like(h)  # [M, K]
+        return gemv_triton(h, weight, norm=(residual, norm_weight, eps, res_out)), res_out
+    x, res_out = rms_norm(h, norm_weight, eps, residual, impl=impl)
+    return linear(x, weight, impl=impl), res_out
 
 
 def gated_linear(

@@ -17,7 +17,7 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.streams import beside
 from engine.parallel import Shard, current_tp, even_shard
-from kernels.gemv import gated_linear
+from kernels.gemv import gated_linear, norm_linear
 from kernels.moe import fused_moe, gate_route, norm_gate_route, shares_decode_launches
 
 SHARED_SIDE_STREAM = True
@@ -245,11 +245,12 @@ class MoEBlock(nn.Module):
         assert mlp is not None
         defer = SHARED_DOWN_DEFERRED and self.tp.size == 1 and type(mlp.down_proj) is Linear
         with beside(h.device) as side:
-            x, res = (norm(h), h) if residual is None else norm.add_forward(h, residual)
             if not defer:
+                x, res = (norm(h), h) if residual is None else norm.add_forward(h, residual)
                 shared_out = mlp(x)
-            else:
-                gate_up = mlp.gate_up_proj(x)
+            else:  # the norm inside the gate_up launch where the GEMV runs
+                w = mlp.gate_up_proj.weight
+                gate_up, res = norm_linear(h, residual, norm.weight, norm.eps, w)
         if not defer:
             return self.text_moe.add_norm_forward(h, residual, norm, add=(shared_out, side))
         up_done = torch.cuda.Event()

@@ -223,10 +223,18 @@ def _gemv_kernel(
     PDL: tl.constexpr,
     PRELOAD: tl.constexpr,
     GATED: tl.constexpr,
+    res_ptr,
+    nw_ptr,
+    res_out_ptr,
+    stride_rm,
+    eps,
+    NORM_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    NORM_BLOCK: tl.constexpr,
 ):
     # y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]) (+ a[m, n], rounded once); one program =
     # BLOCK_N rows of w, all M rows. GATED: x is [gate | up] and the input silu(gate) * up
-    # (K columns).
+    # (K columns). NORM_D > 0: x is h and the input rms_norm(h (+ res)) * nw (`_gemv_acc`).
     pdl_launch(PDL)  # the wait is in _gemv_acc
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -234,7 +242,8 @@ def _gemv_kernel(
     mask_m = offs_m < M
     acc = _gemv_acc(
         x_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, K, stride_xm, stride_wn,
-        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, GATED,
+        HAS_BIAS, M_PAD, BLOCK_N, BLOCK_K, PDL, PRELOAD, GATED, res_ptr, stride_rm, nw_ptr,
+        res_out_ptr, eps, NORM_D, HAS_RESIDUAL, M, NORM_BLOCK,
     )  # fmt: skip
     mask = mask_m[:, None] & mask_n[None, :]
     if HAS_ADD:
@@ -347,10 +356,13 @@ def gemv_triton(
     tiles: GemvTiles | None = None,
     gated: bool = False,
     add: torch.Tensor | None = None,
+    norm: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for x ``[M, K]`` with small M; weight ``[N, K]``.
     ``gated``: x is ``[M, 2K]`` = [gate | up] and the input is ``silu_and_mul(x)``. ``add``
-    ``[M, N]``: added to the fp32 sums, the result rounded once (as ``torch.addmm``)."""
+    ``[M, N]``: added to the fp32 sums, the result rounded once (as ``torch.addmm``).
+    ``norm``: as ``qkv_rope_triton``'s (x is h, the input ``rms_norm(h + residual) * weight``,
+    ``h + residual`` stored in res_out)."""
     # M rows, K in, N out
     m, k = x.shape
     k = k // 2 if gated else k
@@ -363,6 +375,8 @@ def gemv_triton(
         assert bias.shape == (n,) and bias.is_contiguous(), bias.shape
     if add is not None:
         assert add.shape == (m, n) and add.stride(1) == 1 and add.dtype == x.dtype, add.shape
+    assert norm is None or not gated, "the norm rides only in a plain GEMV"
+    residual, norm_weight, eps, res_out = _norm_args(x, norm)
     tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     pdl = use_pdl(x)
@@ -387,11 +401,38 @@ def gemv_triton(
         PDL=pdl,
         PRELOAD=_dispatch.preload_chunks(k, tiles.block_k, tiles.preload, tiles.depth),
         GATED=gated,
+        res_ptr=x if residual is None else residual,
+        nw_ptr=norm_weight,
+        res_out_ptr=res_out,
+        stride_rm=x.stride(0) if residual is None else residual.stride(0),
+        eps=eps,
+        NORM_D=k if norm is not None else 0,
+        HAS_RESIDUAL=residual is not None,
+        NORM_BLOCK=next_pow2(k) if norm is not None else 1,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
         launch_pdl=pdl,
     )
     return y
+
+
+def _norm_args(
+    x: torch.Tensor, norm: tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor] | None
+) -> tuple[torch.Tensor | None, torch.Tensor, float, torch.Tensor]:
+    """A fused norm's (residual, weight, eps, res_out), checked; x stands in where unused."""
+    if norm is None:
+        return None, x, 0.0, x
+    residual, norm_weight, eps, res_out = norm
+    k = x.shape[1]
+    assert norm_weight.shape == (k,) and norm_weight.is_contiguous(), norm_weight.shape
+    assert res_out.shape == x.shape and res_out.is_contiguous(), res_out.shape
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype, residual.shape
+        assert residual.stride(1) == 1, residual.stride()
+        # program 0 stores h + residual while the others still read h and residual
+        ptrs = (x.data_ptr(), residual.data_ptr())
+        assert res_out.data_ptr() not in ptrs, "res_out must not alias h or residual"
+    return residual, norm_weight, eps, res_out
 
 
 def qkv_rope_triton(
@@ -415,16 +456,7 @@ def qkv_rope_triton(
     rounds it); ``h + residual`` is stored in res_out."""
     # M rows, K in, N = (Hq + 2 Hkv) D out
     m, k = x.shape
-    residual, norm_weight, eps, res_out = norm or (None, x, 0.0, x)  # x: placeholders
-    if norm is not None:
-        assert norm_weight.shape == (k,) and norm_weight.is_contiguous(), norm_weight.shape
-        assert res_out.shape == x.shape and res_out.is_contiguous(), res_out.shape
-        if residual is not None:
-            assert residual.shape == x.shape and residual.dtype == x.dtype, residual.shape
-            assert residual.stride(1) == 1, residual.stride()
-            # program 0 stores h + residual while the others still read h and residual
-            ptrs = (x.data_ptr(), residual.data_ptr())
-            assert res_out.data_ptr() not in ptrs, "res_out must not alias h or residual"
+    residual, norm_weight, eps, res_out = _norm_args(x, norm)
     res = x if residual is None else residual
     n = weight.shape[0]
     d = table.shape[1]

@@ -395,6 +395,53 @@ def test_norm_in_the_qkv_launch_is_bit_identical(monkeypatch, m: int, with_resid
 
 @needs_triton
 @pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_norm_in_a_gemv_launch_is_bit_identical(monkeypatch, m: int, with_residual: bool) -> None:
+    """`norm_linear` (the shared experts' norm and gate_up on the side stream): the norm
+    inside the GEMV launch equals the norm launch then the GEMV, bit for bit, output and
+    residual stream out; the public entry fuses at one row with triton, and only there."""
+    import kernels.triton_impl.gemv as gemv_impl
+    from kernels.gemv import norm_linear
+    from kernels.rms_norm import rms_norm
+    from kernels.triton_impl.gemv import GemvTiles, gemv_triton
+
+    n, k_in = 37, 72  # ragged row tiles, a ragged last chunk and norm block
+    h = torch.randn(m, k_in, dtype=torch.float16) * 3
+    res = torch.randn(m, k_in, dtype=torch.float16) if with_residual else None
+    nw = (torch.rand(k_in) + 0.5).half()
+    w = (torch.randn(n, k_in) / k_in**0.5).half()
+    x, want_res = rms_norm(h, nw, 1e-5, res, impl="triton")
+    for tiles in (None, GemvTiles(4, 32, 2), GemvTiles(8, 64, 4)):  # their own sum orders
+        want = gemv_triton(x, w, None, tiles)
+        res_out = h if res is None else torch.empty_like(h)
+        got = gemv_triton(h, w, None, tiles, norm=(res, nw, 1e-5, res_out))
+        assert torch.equal(got, want) and torch.equal(res_out, want_res)
+    if res is not None:  # program 0 stores res_out while the others read h and residual
+        for alias in (h, res):
+            with pytest.raises(AssertionError, match="alias"):
+                gemv_triton(h, w, norm=(res, nw, 1e-5, alias))
+    with pytest.raises(AssertionError, match="plain GEMV"):
+        gemv_triton(torch.cat([h, h], 1), w, gated=True, norm=(res, nw, 1e-5, torch.empty_like(h)))
+    fused_calls = []
+    real = gemv_impl.gemv_triton
+
+    def counting(*a, norm=None, **kw):
+        fused_calls.append(norm is not None)
+        return real(*a, norm=norm, **kw)
+
+    monkeypatch.setattr(gemv_impl, "gemv_triton", counting)
+    for impl in ("triton", "torch"):
+        fused_calls.clear()
+        got, got_res = norm_linear(h, res, nw, 1e-5, w, impl=impl)
+        assert (True in fused_calls) == (impl == "triton" and m == 1), fused_calls
+        x_i, res_i = rms_norm(h, nw, 1e-5, res, impl=impl)
+        want_i = linear(x_i, w, impl=impl)
+        assert torch.equal(got, want_i) and torch.equal(got_res, res_i)
+        assert (got_res is h) == (res is None)
+
+
+@needs_triton
+@pytest.mark.parametrize("m", [1, 3])
 def test_qkv_rope_early_meta_is_bit_identical(monkeypatch, m: int) -> None:
     """Positions, cos|sin rows and slots read before the PDL wait (QKV_EARLY_META) or after
     the sums: the same output and the same cache, bit for bit."""
