@@ -29,6 +29,22 @@ head) to arrive merges) instead of in ``_decode_merge_kernel``. Off: on an H100 
 batch-1 step replayed 0.057 ms slower with it (3.368 vs 3.311 ms, bench/decode_step_bench.py,
 bench/RESULTS.md). Benchmarks flip it between graph captures."""
 
+ONE_SPLIT_DIRECT = True
+"""With one split per (sequence, kv head) (the split count the shapes give from ~66 sequences
+up) the split kernel writes the output rows itself, as the merge would (its one weight is
+exactly 1): no partials, no merge launch. Bit-identical; read at trace time."""
+
+NUM_STAGES: int | None = None
+"""Software-pipeline stages of the split kernel's key loop at every batch (for benchmarks);
+None: `SMALL_BATCH_STAGES` at small batches, else Triton's default."""
+
+SMALL_BATCH_BLOCK_N = 32
+SMALL_BATCH_STAGES: int | None = 1
+"""Keys a step of the split kernel's loop and its pipeline stages where the (sequence, kv
+head) pairs are fewer than the SMs (b1: 32 keys unpipelined, step replay -0.025 ms on the
+H200, the launch alone 4.8 vs 6.2 us); more pairs take 64 keys at Triton's default stages
+(b256: the launch alone 99.9 us = 4.03 TB/s of KV, 0.94 of the copy rate)."""
+
 EARLY_KV = True
 """The split kernel reads its metadata and first tile of keys before its PDL wait and only the
 query and the step's own key after it (``_decode_split_kernel``); the merge kernel reads its
@@ -461,14 +477,15 @@ def paged_attention_decode(
     query_start_loc: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_warps: int | None = None,
 ) -> torch.Tensor:
     """Decode attention (one query per sequence); same contract as ``paged_attention``.
 
-    Tiles from the H100 sweep in bench/gpu_bench.py (--attention-sweep): 64 keys per step;
-    8 warps when there are fewer (sequence, kv head) pairs than SMs (b1 ctx512: 10.4 us vs
-    12.3 for the old 32 x 4 warps), else 4 (b256 ctx768: 152 us vs 172)."""
+    Tiles from the H100 sweep in bench/gpu_bench.py (--attention-sweep): 8 warps when there
+    are fewer (sequence, kv head) pairs than SMs (b1 ctx512: 10.4 us vs 12.3 for the old 32 x
+    4 warps), else 4 (b256 ctx768: 152 us vs 172); keys a step and stages as
+    ``SMALL_BATCH_BLOCK_N`` / ``SMALL_BATCH_STAGES`` say (H200, session 11)."""
     # T tokens (== B), Hq/Hkv heads, D head dim, S splits
     t, hq, d = q.shape
     _, block_size, hkv, _ = k_cache.shape
@@ -485,13 +502,18 @@ def paged_attention_decode(
     num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
     if num_warps is None:
         num_warps = 8 if b * hkv < num_sms else 4
+    small = b * hkv < num_sms
+    if block_n is None:
+        block_n = SMALL_BATCH_BLOCK_N if small else 64
+    stages = NUM_STAGES if NUM_STAGES is not None or not small else SMALL_BATCH_STAGES
     early = EARLY_KV and (EARLY_KV_ALWAYS or b * hkv < num_sms)
     if num_splits is None:
         num_splits = default_num_splits(b, hkv, max_context, q.device)
     counters = None
-    if FUSED_MERGE and b * hkv <= COUNTER_SLOTS:
+    if FUSED_MERGE and b * hkv <= COUNTER_SLOTS and num_splits > 1:
         counters = _counters(q.device)
-    fused = counters is not None
+    # one split: the split kernel stores the rows (statically: no counter is touched)
+    fused = counters is not None or ((ONE_SPLIT_DIRECT or FUSED_MERGE) and num_splits == 1)
     part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
     group = hq // hkv
@@ -506,7 +528,7 @@ def paged_attention_decode(
         part_out,
         part_lse,
         out,
-        counters if fused else seq_lens,  # placeholder pointer when unused
+        seq_lens if counters is None else counters,  # placeholder pointer when unused
         scale * _LOG2E,
         q.stride(0),
         q.stride(1),
@@ -530,6 +552,7 @@ def paged_attention_decode(
         EARLY_KV=early,
         num_warps=num_warps,
         launch_pdl=pdl,
+        **({} if stages is None else {"num_stages": stages}),
     )
     if fused:
         return out

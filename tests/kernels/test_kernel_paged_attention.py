@@ -197,13 +197,15 @@ def _decode(batch: Batch, monkeypatch: pytest.MonkeyPatch, fused: bool, **kw) ->
     from kernels.triton_impl import attention_decode as ad
 
     monkeypatch.setattr(ad, "FUSED_MERGE", fused)
+    monkeypatch.setattr(ad, "ONE_SPLIT_DIRECT", fused)  # unfused: the merge kernel even at one
     return ad.paged_attention_decode(*batch.args(), scale=batch.q.shape[-1] ** -0.5, **kw)
 
 
 def _counters_cpu() -> torch.Tensor:
     from kernels.triton_impl import attention_decode as ad
 
-    return ad._COUNTERS[torch.device("cpu")]
+    # none allocated: no launch used them (one split stores its rows without a counter)
+    return ad._COUNTERS.get(torch.device("cpu"), torch.zeros(1, dtype=torch.int32))
 
 
 def _no_merge_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,6 +252,29 @@ FUSED_CASES = [
     (4, 2, 16, 4, torch.float32, 6, 16, 40),  # floor: 48-key splits, fewer active
     (4, 2, 16, 4, torch.float32, None, 64, 0),  # the shape-derived default
 ]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_one_split_writes_its_rows(monkeypatch: pytest.MonkeyPatch, dtype) -> None:
+    """One split (the default split count at large batches), the merge off: the split kernel
+    stores the rows itself, bit for bit what the merge kernel returns, in one launch; padding
+    sequences get no row."""
+    from kernels.triton_impl import attention_decode as ad
+
+    seq_lens = [1, 37, 12, 45, 5, 100]
+    batch = _with_empty(make_batch(seq_lens, [1] * 6, 4, 2, 16, 4, dtype), [2])
+    args, scale = batch.args(), batch.q.shape[-1] ** -0.5
+    monkeypatch.setattr(ad, "ONE_SPLIT_DIRECT", False)
+    merged = ad.paged_attention_decode(*args, scale=scale, num_splits=1, block_n=16)
+    monkeypatch.setattr(ad, "ONE_SPLIT_DIRECT", True)
+    _no_merge_kernel(monkeypatch)
+    direct = ad.paged_attention_decode(*args, scale=scale, num_splits=1, block_n=16)
+    ref, n = _ref_rows(batch)
+    assert torch.equal(direct[:n], merged[:n])
+    torch.testing.assert_close(direct[:n], ref, atol=TOL[dtype], rtol=TOL[dtype])
+    with pytest.raises(AssertionError, match="merge"):  # more splits still merge
+        ad.paged_attention_decode(*args, scale=scale, num_splits=2, block_n=16)
 
 
 @needs_triton
