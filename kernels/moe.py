@@ -204,13 +204,18 @@ def fused_moe(
         return out if add is None else out + add
     from kernels.triton_impl.moe import fused_moe_triton
 
+    if add is not None and not add.is_contiguous():  # the copy reads add: join it first
+        if add_stream is not None:
+            torch.cuda.current_stream(x.device).wait_stream(add_stream)
+            add_stream = None
+        add = add.contiguous()
     return fused_moe_triton(
         x,
         w13,
         w2,
         topk_weights,
         topk_ids,
-        add=add.contiguous() if add is not None else None,
+        add=add,
         shared=shared,
         add_stream=add_stream,
         up_done=up_done,

@@ -35,6 +35,14 @@ the shared gate_up beside it, then streams 16 MB fewer, and the down launch (lat
 next layer joins it (`engine.layers.streams.join`). Read at trace time, like the switch above."""
 
 
+SHARED_SIDE_MAX_TOKENS = 64
+"""Above the decode GEMV sizes and up to this many tokens, the shared experts also run on the
+side stream, beside the router, the routed experts' sort and their grouped GEMMs; the
+combine launch joins them and adds their output (`MoEBlock._partial`). 0: inline, before
+the router. H200 step replay: b64 -0.03 to -0.22 ms, b256 +0.44 / +0.48 (so 64; joining
+before the up GEMM instead changed nothing). Read at trace time."""
+
+
 class Router(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, top_k: int, norm_min: float) -> None:
         super().__init__()
@@ -147,12 +155,16 @@ class ExpertGroup(nn.Module):
         x: torch.Tensor,
         add: torch.Tensor | None = None,
         shared: tuple[torch.Tensor, torch.Tensor] | None = None,
+        add_stream: torch.cuda.Stream | None = None,
     ) -> torch.Tensor:
-        """Routed experts' sum for x `[T, D]`, plus `add` `[T, D]` if given (fused on GPU),
-        or plus the gated MLP `shared` = (gate_up, down) inside the decode launches."""
+        """Routed experts' sum for x `[T, D]`, plus `add` `[T, D]` if given (fused on GPU;
+        `add_stream`: the stream still computing it), or plus the gated MLP `shared` =
+        (gate_up, down) inside the decode launches."""
         weights, ids = self.gate(x)
         if shared is not None:
             return self.experts(x, weights.to(torch.float32), ids, shared=shared)
+        if add_stream is not None:  # only plain `Experts` (see MoEBlock._shared_beside_batch)
+            return self.experts(x, weights.to(torch.float32), ids, add, add_stream=add_stream)
         return self.experts(x, weights.to(torch.float32), ids, add)
 
     def add_norm_forward(
@@ -267,6 +279,10 @@ class MoEBlock(nn.Module):
             # decode on GPU: the shared experts' gated MLP runs inside the routed experts'
             # two launches (3 launches a layer fewer)
             return self.text_moe(x, shared=self._shared_weights())
+        if text_only and self._shared_beside_batch(x):
+            with beside(x.device) as side:
+                shared = self.shared_experts(x)
+            return self.text_moe(x, add=shared, add_stream=side)
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         if text_only:
             return self.text_moe(x, add=shared)  # the shared sum rides in the combine kernel
@@ -276,6 +292,17 @@ class MoEBlock(nn.Module):
             out[text_mask] = self.text_moe(x[text_mask])
         out[vision_mask] = self.vision_moe(x[vision_mask])
         return out if shared is None else out + shared
+
+    def _shared_beside_batch(self, x: torch.Tensor) -> bool:
+        """Decode batches past the GEMV sizes on GPU: the shared experts on the side stream
+        (`SHARED_SIDE_MAX_TOKENS`)."""
+        return (
+            self.shared_experts is not None
+            and x.is_cuda
+            and SHARED_SIDE_STREAM
+            and 0 < x.shape[0] <= SHARED_SIDE_MAX_TOKENS
+            and type(self.text_moe.experts) is Experts
+        )
 
     def _text_only(self, vision_mask: torch.Tensor | None) -> bool:
         return self.vision_moe is None or vision_mask is None or not bool(vision_mask.any())

@@ -206,11 +206,10 @@ def fused_moe_triton(
             add_stream=add_stream,
             up_done=up_done,
         )
-    if add_stream is not None:  # the grouped path has no launch between: join first
-        torch.cuda.current_stream(x.device).wait_stream(add_stream)
     assert shared is None, "shared experts ride only in the decode launches"
     out = _fused_moe_sorted(
-        x, w13, w2, topk_weights, topk_ids, tiles, explicit, add, block_m, block_n, block_k
+        x, w13, w2, topk_weights, topk_ids, tiles, explicit, add, block_m, block_n, block_k,
+        add_stream,
     )  # fmt: skip
     if up_done is not None:  # no launch between: the whole block
         up_done.record(torch.cuda.current_stream(x.device))
@@ -229,12 +228,16 @@ def _fused_moe_sorted(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    add_stream: torch.cuda.Stream | None = None,
 ) -> torch.Tensor:
-    # the prefill paths of fused_moe_triton: tokens sorted by expert, grouped GEMMs
+    # the prefill paths of fused_moe_triton: tokens sorted by expert, grouped GEMMs; `add`
+    # may still be in the making on add_stream, joined just before the launch that reads it
     t, d = x.shape
     num_experts, two_i, _ = w13.shape
     top_k = topk_ids.shape[1]
     if not explicit and use_grouped(x, t * top_k):  # prefill: torch's Hopper grouped GEMM
+        if add_stream is not None:
+            torch.cuda.current_stream(x.device).wait_stream(add_stream)
         return fused_moe_grouped(x, w13, w2, topk_weights, topk_ids, add=add)
     tiles = tiles or pick_tiles(t)
     if block_m or block_n or block_k:
@@ -250,4 +253,6 @@ def _fused_moe_sorted(
     down = torch.empty(t * top_k, d, dtype=torch.float32, device=x.device)  # [T*k, D]
     _launch(inter, w2, down, topk_weights, align, 1, False, True, tiles)
     # k-way sum, rounding and the optional add (shared experts) in one pass
+    if add_stream is not None:
+        torch.cuda.current_stream(x.device).wait_stream(add_stream)
     return moe_combine_triton(down.view(t, top_k, d), x.dtype, add)

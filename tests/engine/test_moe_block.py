@@ -61,3 +61,36 @@ def test_add_norm_forward_equals_norm_then_block(
     assert seen == ([h.shape] if decode else [])
     assert torch.equal(got_residual, want_residual)
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("t", [8, 64])
+def test_shared_experts_beside_the_router_at_batches(monkeypatch, small_moe_block, t: int) -> None:
+    """Past the decode GEMV sizes the shared experts run on the side stream and the combine
+    launch joins them: bit-identical to running them inline first, eager and in a CUDA
+    graph (fork and join as graph edges), and the layer joins the side stream again."""
+    from engine.layers import streams
+
+    block = small_moe_block(t).cuda().to(torch.bfloat16)
+    x = torch.randn(t, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(moe_layer, "SHARED_SIDE_MAX_TOKENS", 0)
+        want = block(x)
+        monkeypatch.setattr(moe_layer, "SHARED_SIDE_MAX_TOKENS", 512)
+        assert block._shared_beside_batch(x)
+        got = block(x)
+        streams.join(x.device)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+        graph, static_x = torch.cuda.CUDAGraph(), x.clone()
+        block(static_x)  # warm-up off the capture (Triton compiles, cuBLAS picks)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph):
+            out = block(static_x)
+            streams.join(x.device)
+        static_x.copy_(x * 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        monkeypatch.setattr(moe_layer, "SHARED_SIDE_MAX_TOKENS", 0)
+        assert torch.equal(out, block(x * 2))
