@@ -196,6 +196,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "-qkv-norm": {_QKV_NORM: False},  # the layer's input norm as its own launch before qkv
     # the shared experts' norm as its own launch before their gate_up (side stream)
     "-norm-linear": {"kernels.gemv:NORM_LINEAR_FUSED": False},
+    # the shared experts inline before the router at batches past the GEMV sizes
+    "-shared-side-batch": {"engine.layers.moe:SHARED_SIDE_MAX_TOKENS": 0},
+    # the shared experts on the side stream up to 256 tokens (b256: a loss)
+    "shared-side-256": {"engine.layers.moe:SHARED_SIDE_MAX_TOKENS": 256},
+    # decode attention at b1: 64-key steps at Triton's default stages (as before session 11)
+    "-attn-b1-32s1": {
+        "kernels.triton_impl.attention_decode:SMALL_BATCH_BLOCK_N": 64,
+        "kernels.triton_impl.attention_decode:SMALL_BATCH_STAGES": None,
+    },
+    # one attention split (b >= 66): partials and the merge launch, not the rows stored
+    "-one-split": {"kernels.triton_impl.attention_decode:ONE_SPLIT_DIRECT": False},
     # the routed up launch as tensor-core dots with pipelined loads (on at 2-4 tokens):
     # at every batch, and the tiles (columns, K, stages, warps)
     "logits-fp32": {"engine.models.ernie45:LOGITS_FP32": True},  # the LM head's output upcast
@@ -224,6 +235,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
         _ROUTER_PRE: None,
     },
     "before-s7": _S7_BEFORE,
+    "before-s11": {  # this session's decode changes undone
+        "kernels.gemv:NORM_LINEAR_FUSED": False,
+        "kernels.triton_impl.attention_decode:ONE_SPLIT_DIRECT": False,
+        "kernels.triton_impl.attention_decode:SMALL_BATCH_BLOCK_N": 64,
+        "kernels.triton_impl.attention_decode:SMALL_BATCH_STAGES": None,
+        "engine.layers.moe:SHARED_SIDE_MAX_TOKENS": 0,
+    },
     "shup-2x1024": _gemv(2, 1024, 4, 3, shapes=_SHARED[:1]),
     "shdown-2x1024-2w": _gemv(2, 1024, 2, 3, shapes=_SHARED[1:]),
     "up-1w": _moe(num_warps=1),  # the routed up launch (the down has its own warps)
@@ -284,6 +302,9 @@ EXACT = {
     "-topk-ranked",
     "-qkv-norm",
     "-norm-linear",
+    "-one-split",
+    "-shared-side-batch",
+    "shared-side-256",
     "o-pre3",
     "o-2x512-2w-pre4",
     "qkv-pre4",
