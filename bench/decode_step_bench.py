@@ -8,9 +8,10 @@ decode CUDA graphs and:
    variant changes arithmetic; ``--tolerance`` says by how much it may);
 2. times every variant in rounds, order rotated each round, as the bare graph replay and as
    ``runner.run`` (host packing + replay); reports medians, spread and the paired change;
-3. profiles a few replays of each variant at batch 1 (torch.profiler, kernels inside the
-   graph): per replay the span from the first kernel's start to the last one's end, the
-   time no kernel runs, and the kernels by total time.
+3. profiles a few replays of each variant at batch 1 (``--profile-batches`` for others;
+   torch.profiler, kernels inside the graph): per replay the span from the first kernel's
+   start to the last one's end, the time no kernel runs, the kernels by total time, and one
+   layer's kernels with their median ends (``bench/trace_layers.py``).
 
 Beside every time: the step's memory-bandwidth limit (weights + KV a step must read, at the
 copy bandwidth measured in the same run).
@@ -38,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import trace_layers
 from bench.gpu_bench import (
     BLOCK,
     GRAPH_EAGER_REL_TOL,
@@ -378,26 +380,39 @@ def kernel_spans(trace: Path, gap_us: float = 100.0) -> dict[str, Any]:
     }
 
 
-def profile_replays(graph: Any, out: Path, name: str, replays: int = 6) -> dict[str, Any]:
+def profile_replays(
+    graph: Any, out: Path, name: str, replays: int = 6, batch: int = 1
+) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(replays):
             graph.replay()
             torch.cuda.synchronize()
-    path = out / f"decode_b1_{name.replace('+', '_')}.trace.json"
+    path = out / f"decode_b{batch}_{name.replace('+', '_')}.trace.json"
     prof.export_chrome_trace(str(path))
     res = kernel_spans(path)
     reps = res["replays"][1:] or res["replays"]  # the first may carry profiler start-up
     med = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
     res["median"] = med
     log(
-        f"  profile {name}: {med['kernels']:.0f} kernels/replay, span {med['span_us']:.0f} us, "
-        f"kernels busy {med['busy_us']:.0f} us, idle {med['idle_us']:.0f} us, "
-        f"sum of kernel durations {med['sum_dur_us']:.0f} us"
+        f"  profile b{batch} {name}: {med['kernels']:.0f} kernels/replay, span "
+        f"{med['span_us']:.0f} us, kernels busy {med['busy_us']:.0f} us, idle "
+        f"{med['idle_us']:.0f} us, sum of kernel durations {med['sum_dur_us']:.0f} us"
     )
     for k in res["top_kernels_last_replay"][:10]:
         log(f"    {k['total_us']:8.1f} us  {k['count']:4d} x {k['mean_us']:6.2f}  {k['name']}")
+    # one layer's kernels, anchored on the MoE's last launch (the decode down launch at up
+    # to 4 tokens, else the second of the two grouped GEMMs)
+    kernels = trace_layers.kernel_replays(json.loads(path.read_text())["traceEvents"])[-1]
+    names = {e["name"] for e in kernels}
+    anchor, every = ("_moe_down_kernel", 1) if "_moe_down_kernel" in names else ("_moe_gemm", 2)
+    rows = trace_layers.layer_timeline(kernels, anchor, every)
+    res["layer_timeline"] = rows
+    if rows:
+        log(f"    one layer (median of {rows[0]['layers']}), anchored on {anchor}:")
+        for line in trace_layers.format_timeline(rows):
+            log("  " + line)
     return res
 
 
@@ -410,6 +425,9 @@ def main() -> int:
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--variants", default="plain,pdl,default", help=", ".join(VARIANTS))
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument(
+        "--profile-batches", default="1", help="batches whose replays are profiled (of --batches)"
+    )
     args = ap.parse_args()
     dev = torch.device("cuda")
     dtype = torch.bfloat16
@@ -541,11 +559,15 @@ def main() -> int:
                     f"{row['replay_ms'] / limit:.2f} |"
                 )
         results["table"] = lines
-        if not args.no_profile and 1 in batches:
+        profiled = [int(b) for b in args.profile_batches.split(",") if int(b) in batches]
+        if not args.no_profile and profiled:
             results["profile"] = {}
-            for n in names[:3]:  # the first three variants (traces are large)
-                use(n, start)
-                results["profile"][n] = profile_replays(store[n][g.bucket(1)][0], out, n)
+            for b in profiled:
+                for n in names[:3]:  # the first three variants (traces are large)
+                    use(n, start)
+                    graph = store[n][g.bucket(b)][0]
+                    key = n if b == 1 else f"b{b} {n}"
+                    results["profile"][key] = profile_replays(graph, out, n, batch=b)
     finally:
         g.graphs, g.make_graph = keep_graphs, keep_make
         for key, value in start.items():
