@@ -32,6 +32,16 @@ GATED_FUSED = True
 gated MLP: the dense layer's and the shared experts'; bit-identical)."""
 
 
+def _norm_fits(h: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The fused norm reduces a row's sum of squares as the norm launch does only at the norm
+    launch's warp count: the GEMV's tiles must have it (else the norm runs as its own launch,
+    so the roundings never change)."""
+    from kernels.triton_impl.gemv import gemv_tiles
+    from kernels.triton_impl.rms_norm import NUM_WARPS
+
+    return gemv_tiles(h.shape[0], weight.shape[0], weight.shape[1]).num_warps == NUM_WARPS
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor, impl: Impl = None) -> bool:
     if impl is None and not GEMV_ENABLED:
         return False
@@ -73,6 +83,7 @@ def norm_linear(
         and norm_weight.shape == (h.shape[1],)
         and norm_weight.is_contiguous()
         and (residual is None or (residual.shape == h.shape and residual.stride(1) == 1))
+        and _norm_fits(h, weight)
     ):
         from kernels.triton_impl.gemv import gemv_triton
 
@@ -202,6 +213,7 @@ def norm_qkv_rope_linear(
         and norm_weight.shape == (d_in,)
         and norm_weight.is_contiguous()
         and (residual is None or (residual.shape == h.shape and residual.stride(1) == 1))
+        and _norm_fits(h, weight)
     ):
         res_out = h if residual is None else torch.empty_like(h)  # [M, K]
         qkv = qkv_rope_linear(

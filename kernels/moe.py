@@ -198,6 +198,8 @@ def fused_moe(
     if shared is not None and not (use_triton(x, impl) and shares_decode_launches(x)):
         add, shared = _gated_mlp(x, *shared, impl), None
     if not use_triton(x, impl):
+        if add_stream is not None:  # the reference adds on this stream: join first
+            torch.cuda.current_stream(x.device).wait_stream(add_stream)
         out = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
         if up_done is not None:
             up_done.record(torch.cuda.current_stream(x.device))

@@ -17,6 +17,7 @@ from engine.layers.mlp import GatedMLP
 from engine.layers.norm import RMSNorm
 from engine.layers.streams import beside
 from engine.parallel import Shard, current_tp, even_shard
+from kernels._dispatch import use_triton
 from kernels.gemv import gated_linear, norm_linear
 from kernels.moe import fused_moe, gate_route, norm_gate_route, shares_decode_launches
 
@@ -299,6 +300,7 @@ class MoEBlock(nn.Module):
         return (
             self.shared_experts is not None
             and x.is_cuda
+            and use_triton(x, None)
             and SHARED_SIDE_STREAM
             and 0 < x.shape[0] <= SHARED_SIDE_MAX_TOKENS
             and type(self.text_moe.experts) is Experts

@@ -218,6 +218,10 @@ class Ernie45Model(nn.Module):
         for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
             h, residual = layer(h, residual, rope, kv_cache, meta, vision_mask)
             if after_layer is not None:
+                if h.is_cuda:
+                    # the side stream may still read this layer's freed tensors, whose
+                    # blocks main-stream allocations in the callback could take
+                    join(h.device)
                 after_layer(i)
         if h.is_cuda:
             join(h.device)  # side-stream work (the shared experts) ends with the step

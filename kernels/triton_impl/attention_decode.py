@@ -514,8 +514,10 @@ def paged_attention_decode(
         counters = _counters(q.device)
     # one split: the split kernel stores the rows (statically: no counter is touched)
     fused = counters is not None or ((ONE_SPLIT_DIRECT or FUSED_MERGE) and num_splits == 1)
-    part_out = torch.empty(b, hq, num_splits, d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(b, hq, num_splits, dtype=torch.float32, device=q.device)
+    # partials; one split stored straight as rows writes none (placeholders of their dtype)
+    shape = (1, 1, 1) if fused and num_splits == 1 else (b, hq, num_splits)
+    part_out = torch.empty(*shape, d, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(*shape, dtype=torch.float32, device=q.device)
     group = hq // hkv
     pdl = use_pdl(q)
     _decode_split_kernel[(b, hkv, num_splits)](

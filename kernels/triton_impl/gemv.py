@@ -67,6 +67,11 @@ def pick_gemv_tiles(n: int, k: int) -> GemvTiles:
     return GemvTiles(8, min(512, next_pow2(k)), 4, 3, preload=1)
 
 
+def gemv_tiles(m: int, n: int, k: int) -> GemvTiles:
+    """The tiles a GEMV of m rows by an [n, k] weight launches with."""
+    return GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
+
+
 @triton.jit
 def _w_chunk(w_rows, k0, mask_n, K, BLOCK_K: tl.constexpr):
     # [BLOCK_N, BLOCK_K] weight columns [k0, k0 + BLOCK_K) of this program's rows
@@ -377,7 +382,7 @@ def gemv_triton(
         assert add.shape == (m, n) and add.stride(1) == 1 and add.dtype == x.dtype, add.shape
     assert norm is None or not gated, "the norm rides only in a plain GEMV"
     residual, norm_weight, eps, res_out = _norm_args(x, norm)
-    tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
+    tiles = tiles or gemv_tiles(m, n, k)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     pdl = use_pdl(x)
     _gemv_kernel[(triton.cdiv(n, tiles.block_n),)](
@@ -460,7 +465,7 @@ def qkv_rope_triton(
     res = x if residual is None else residual
     n = weight.shape[0]
     d = table.shape[1]
-    tiles = tiles or GEMV_TILES.get((m, n, k)) or pick_gemv_tiles(n, k)
+    tiles = tiles or gemv_tiles(m, n, k)
     assert d % tiles.block_n == 0 and tiles.block_n % 2 == 0, (d, tiles.block_n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
     pdl = use_pdl(x)

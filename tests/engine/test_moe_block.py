@@ -77,6 +77,14 @@ def test_shared_experts_beside_the_router_at_batches(monkeypatch, small_moe_bloc
     with torch.no_grad():
         monkeypatch.setattr(moe_layer, "SHARED_SIDE_MAX_TOKENS", 0)
         want = block(x)
+        mlp = block.shared_experts
+        real = mlp.forward
+
+        def slow(x: torch.Tensor) -> torch.Tensor:  # ~10 ms: a missing join reads too early
+            torch.cuda._sleep(20_000_000)
+            return real(x)
+
+        monkeypatch.setattr(mlp, "forward", slow)
         monkeypatch.setattr(moe_layer, "SHARED_SIDE_MAX_TOKENS", 512)
         assert block._shared_beside_batch(x)
         got = block(x)
@@ -94,3 +102,36 @@ def test_shared_experts_beside_the_router_at_batches(monkeypatch, small_moe_bloc
         torch.cuda.synchronize()
         monkeypatch.setattr(moe_layer, "SHARED_SIDE_MAX_TOKENS", 0)
         assert torch.equal(out, block(x * 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_fused_moe_waits_for_an_add_in_the_making(contiguous: bool) -> None:
+    """`fused_moe(add=..., add_stream=side)` reads add only after the side stream is done,
+    also when add first needs a contiguous copy (the copy reads it)."""
+    from engine.layers import streams
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    t, d, e, i, k = 8, 32, 5, 24, 2
+    x = torch.randn(t, d, device="cuda", generator=g).bfloat16()
+    w13 = (torch.randn(e, 2 * i, d, device="cuda", generator=g) * 0.2).bfloat16()
+    w2 = (torch.randn(e, d, i, device="cuda", generator=g) * 0.2).bfloat16()
+    ids = torch.stack([torch.randperm(e, device="cuda")[:k] for _ in range(t)]).int()
+    weights = torch.rand(t, k, device="cuda").softmax(-1)
+    ones = torch.ones(t, d, device="cuda", dtype=torch.bfloat16)
+    want = kmoe.fused_moe(x, w13, w2, weights, ids, add=ones)
+    base = torch.zeros(d, t, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    with streams.beside(x.device) as side:
+        torch.cuda._sleep(20_000_000)  # ~10 ms before add is written
+        if contiguous:
+            add = torch.ones(t, d, device="cuda", dtype=torch.bfloat16)
+        else:
+            base.fill_(1)
+    if not contiguous:
+        add = base.t()  # a strided view: fused_moe copies it, after the join
+    got = kmoe.fused_moe(x, w13, w2, weights, ids, add=add, add_stream=side)
+    streams.join(x.device)
+    torch.cuda.synchronize()
+    assert torch.equal(got, want)

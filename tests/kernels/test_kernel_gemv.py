@@ -490,3 +490,32 @@ def test_weight_preload_is_bit_identical(monkeypatch, k_in: int) -> None:
         for a, b in zip(out[0], out[preload], strict=True):
             assert torch.equal(a, b), preload
     torch.testing.assert_close(out[4][0].float(), (x.float() @ w.float().T), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_norm_in_the_gate_up_launch_is_bit_identical_on_gpu(monkeypatch) -> None:
+    """At the 28B shared experts' gate_up (6144 x 2560, bf16, one row) on the GPU, where the
+    row's sum of squares is reduced by real warps: the fused launch equals the norm launch
+    then the GEMV, bit for bit."""
+    import kernels.triton_impl.gemv as gemv_impl
+    from kernels.gemv import norm_linear
+    from kernels.rms_norm import rms_norm
+
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    h, res = (torch.randn(1, 2560, device=dev, generator=g).bfloat16() * 4 for _ in range(2))
+    nw = (torch.rand(2560, device=dev, generator=g) + 0.5).bfloat16()
+    w = (torch.randn(6144, 2560, device=dev, generator=g) * 0.02).bfloat16()
+    calls = []
+    real = gemv_impl.gemv_triton
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(gemv_impl, "gemv_triton", counting)
+    got, got_res = norm_linear(h, res, nw, 1e-5, w)
+    assert calls and calls[0].get("norm") is not None  # the fused launch ran
+    x, want_res = rms_norm(h, nw, 1e-5, res)
+    assert torch.equal(got_res, want_res) and torch.equal(got, linear(x, w))
