@@ -284,6 +284,8 @@ def kernel_checks(dev: torch.device, tiny: bool, only: set[str] | None = None) -
         scale = d**-0.5
         cases = {
             "decode": ([37, 5, 100] if tiny else [1, 17, 512, 768, 1000, 2049, 300, 64] * 4, None),
+            # enough (sequence, kv head) pairs for one split each: the rows stored directly
+            "decode one-split": ([9, 1, 33, 20] * 20 if tiny else [768, 1, 700, 17] * 20, None),
             "prefill": (
                 [40, 9, 70] if tiny else [512, 1, 700, 1500, 33],
                 [40, 1, 13] if tiny else [512, 1, 128, 300, 33],
@@ -459,8 +461,25 @@ def kernel_checks(dev: torch.device, tiny: bool, only: set[str] | None = None) -
                 _err(tag, got, ref, 1e-6)
                 log(f"  {tag}: bit-identical {torch.equal(got, ref)}")
 
+    def check_norm_linear() -> None:
+        # the norm inside a one-row GEMV launch (the shared experts' gate_up) against the norm
+        # launch then the GEMV: bit-identical
+        from kernels.gemv import linear, norm_linear
+
+        n = 384 if tiny else 6144
+        h, r, nw, w = rnd(1, hidden), rnd(1, hidden), rnd(hidden), rnd(n, hidden, scale=0.02)
+        got, got_res = norm_linear(h, r, nw, 1e-5, w, impl=impl)
+        x, want_res = kernels.rms_norm(h, nw, 1e-5, r, impl=impl)
+        want = linear(x, w, impl=impl)
+        same = bool(torch.equal(got, want) and torch.equal(got_res, want_res))
+        RESULTS["kernel_checks"][f"norm_linear {n}x{hidden} bit-identical"] = same
+        if not same:
+            FAILURES.append(f"norm_linear {n}x{hidden}: differs from rms_norm then linear")
+        log(f"  norm_linear {n}x{hidden}: bit-identical {same}")
+
     for name, fn in [
         ("argmax", check_argmax),
+        ("norm_linear", check_norm_linear),
         ("rope_table", check_rope_table),
         ("attention_block", check_attention_block),
         ("rms_norm", check_rms_norm),

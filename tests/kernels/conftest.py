@@ -14,29 +14,10 @@ import torch
 
 from kernels._dispatch import triton_available
 
+if triton_available():  # also applied on importing kernels.triton_impl; idempotent
+    from kernels.triton_impl._interpreter import patch_for_numpy_2_4
 
-def _patch_interpreter_for_numpy_2_4() -> None:
-    """triton 3.6's interpreter turns a scalar into a Python int with ``int(array)``, which
-    numpy >= 2.4 refuses for the shape-(1,) arrays it uses for scalars; loops with run-time
-    bounds (``for s in range(lo, hi, BLOCK)``) then fail. Known upstream (triton-lang/triton
-    #9171); patch the same line the upstream fix touches. Test-only: GPUs never interpret."""
-    if not triton_available():
-        return
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-    if getattr(original, "_tandem_patched", False):
-        return
-
-    def patched(tensor, scope):  # type: ignore[no-untyped-def]
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._tandem_patched = True  # type: ignore[attr-defined]
-    interp._patch_lang_tensor = patched
-
-
-_patch_interpreter_for_numpy_2_4()
+    patch_for_numpy_2_4()
 
 
 @pytest.fixture(autouse=True)
