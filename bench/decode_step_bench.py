@@ -329,19 +329,9 @@ def use(name: str, start: dict[str, Any]) -> None:
         setattr(mod, attr, value(start[key]) if callable(value) else value)
 
 
-def kernel_spans(trace: Path, gap_us: float = 100.0) -> dict[str, Any]:
-    """Kernels of a chrome trace, grouped into replays (split at idle gaps > gap_us)."""
-    events = json.loads(trace.read_text())["traceEvents"]
-    ks = sorted(
-        (e for e in events if e.get("cat") == "kernel" and "dur" in e), key=lambda e: e["ts"]
-    )
-    groups: list[list[dict]] = []
-    end = -1e18
-    for e in ks:
-        if e["ts"] - end > gap_us:
-            groups.append([])
-        groups[-1].append(e)
-        end = max(end, e["ts"] + e["dur"])
+def kernel_spans(groups: list[list[dict]]) -> dict[str, Any]:
+    """Per replay (`trace_layers.kernel_replays`'s groups of kernels): span, busy and idle
+    time; and the last replay's kernels by total time."""
     rows = []
     for g in groups:
         start = g[0]["ts"]
@@ -391,7 +381,8 @@ def profile_replays(
             torch.cuda.synchronize()
     path = out / f"decode_b{batch}_{name.replace('+', '_')}.trace.json"
     prof.export_chrome_trace(str(path))
-    res = kernel_spans(path)
+    groups = trace_layers.kernel_replays(json.loads(path.read_text())["traceEvents"])
+    res = kernel_spans(groups)
     reps = res["replays"][1:] or res["replays"]  # the first may carry profiler start-up
     med = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
     res["median"] = med
@@ -404,7 +395,7 @@ def profile_replays(
         log(f"    {k['total_us']:8.1f} us  {k['count']:4d} x {k['mean_us']:6.2f}  {k['name']}")
     # one layer's kernels, anchored on the MoE's last launch (the decode down launch at up
     # to 4 tokens, else the second of the two grouped GEMMs)
-    kernels = trace_layers.kernel_replays(json.loads(path.read_text())["traceEvents"])[-1]
+    kernels = groups[-1]
     names = {e["name"] for e in kernels}
     anchor, every = ("_moe_down_kernel", 1) if "_moe_down_kernel" in names else ("_moe_gemm", 2)
     rows = trace_layers.layer_timeline(kernels, anchor, every)

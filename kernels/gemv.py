@@ -32,10 +32,24 @@ GATED_FUSED = True
 gated MLP: the dense layer's and the shared experts'; bit-identical)."""
 
 
-def _norm_fits(h: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The fused norm reduces a row's sum of squares as the norm launch does only at the norm
-    launch's warp count: the GEMV's tiles must have it (else the norm runs as its own launch,
-    so the roundings never change)."""
+def _norm_fusable(
+    h: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    weight: torch.Tensor,
+    impl: Impl,
+) -> bool:
+    """Whether a GEMV launch over h can compute ``rms_norm(h (+ residual))`` itself: the GEMV
+    runs, the norm's operands are laid out for it, and the GEMV's tiles have the norm launch's
+    warp count (the row's sum of squares is then reduced in the same order: else the norm
+    runs as its own launch, so the roundings never change)."""
+    if not (
+        use_gemv(h, weight, impl)
+        and norm_weight.shape == (h.shape[1],)
+        and norm_weight.is_contiguous()
+        and (residual is None or (residual.shape == h.shape and residual.stride(1) == 1))
+    ):
+        return False
     from kernels.triton_impl.gemv import gemv_tiles
     from kernels.triton_impl.rms_norm import NUM_WARPS
 
@@ -77,13 +91,8 @@ def norm_linear(
     roundings: bit-identical to the two launches."""
     from kernels.rms_norm import rms_norm
 
-    if (
-        (NORM_LINEAR_FUSED or impl is not None)
-        and use_gemv(h, weight, impl)
-        and norm_weight.shape == (h.shape[1],)
-        and norm_weight.is_contiguous()
-        and (residual is None or (residual.shape == h.shape and residual.stride(1) == 1))
-        and _norm_fits(h, weight)
+    if (NORM_LINEAR_FUSED or impl is not None) and _norm_fusable(
+        h, residual, norm_weight, weight, impl
     ):
         from kernels.triton_impl.gemv import gemv_triton
 
@@ -203,17 +212,12 @@ def norm_qkv_rope_linear(
     where the fused qkv launch runs (``QKV_NORM_FUSED``), with the norm's roundings."""
     from kernels.rms_norm import rms_norm
 
-    d_in = h.shape[1]
     fused = (QKV_NORM_FUSED or impl is not None) and (QKV_ROPE_FUSED or impl is not None)
     if (
         fused
-        and use_gemv(h, weight, impl)
         and rope[0].shape[1] % 4 == 0
         and (bias is None or bias.is_contiguous())
-        and norm_weight.shape == (d_in,)
-        and norm_weight.is_contiguous()
-        and (residual is None or (residual.shape == h.shape and residual.stride(1) == 1))
-        and _norm_fits(h, weight)
+        and _norm_fusable(h, residual, norm_weight, weight, impl)
     ):
         res_out = h if residual is None else torch.empty_like(h)  # [M, K]
         qkv = qkv_rope_linear(

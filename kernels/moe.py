@@ -195,29 +195,27 @@ def fused_moe(
     if add is not None:
         assert add.shape == x.shape and add.dtype == x.dtype, (add.shape, add.dtype)
     assert shared is None or add is None, "pass the shared experts or an add, not both"
-    if shared is not None and not (use_triton(x, impl) and shares_decode_launches(x)):
+    on_triton = use_triton(x, impl)
+    if shared is not None and not (on_triton and shares_decode_launches(x)):
         add, shared = _gated_mlp(x, *shared, impl), None
-    if not use_triton(x, impl):
-        if add_stream is not None:  # the reference adds on this stream: join first
-            torch.cuda.current_stream(x.device).wait_stream(add_stream)
+    if add_stream is not None and not (on_triton and add is not None and add.is_contiguous()):
+        # the reference's add and a strided add's copy read it here: join now, not later
+        torch.cuda.current_stream(x.device).wait_stream(add_stream)
+        add_stream = None
+    if not on_triton:
         out = fused_moe_ref(x, w13, w2, topk_weights, topk_ids)
         if up_done is not None:
             up_done.record(torch.cuda.current_stream(x.device))
         return out if add is None else out + add
     from kernels.triton_impl.moe import fused_moe_triton
 
-    if add is not None and not add.is_contiguous():  # the copy reads add: join it first
-        if add_stream is not None:
-            torch.cuda.current_stream(x.device).wait_stream(add_stream)
-            add_stream = None
-        add = add.contiguous()
     return fused_moe_triton(
         x,
         w13,
         w2,
         topk_weights,
         topk_ids,
-        add=add,
+        add=add.contiguous() if add is not None else None,
         shared=shared,
         add_stream=add_stream,
         up_done=up_done,

@@ -162,11 +162,12 @@ class ExpertGroup(nn.Module):
         `add_stream`: the stream still computing it), or plus the gated MLP `shared` =
         (gate_up, down) inside the decode launches."""
         weights, ids = self.gate(x)
+        w = weights.to(torch.float32)
         if shared is not None:
-            return self.experts(x, weights.to(torch.float32), ids, shared=shared)
-        if add_stream is not None:  # only plain `Experts` (see MoEBlock._shared_beside_batch)
-            return self.experts(x, weights.to(torch.float32), ids, add, add_stream=add_stream)
-        return self.experts(x, weights.to(torch.float32), ids, add)
+            return self.experts(x, w, ids, shared=shared)
+        # only plain `Experts` take a stream (see MoEBlock._shared_beside_batch)
+        stream_kw = {} if add_stream is None else {"add_stream": add_stream}
+        return self.experts(x, w, ids, add, **stream_kw)
 
     def add_norm_forward(
         self,
@@ -299,8 +300,7 @@ class MoEBlock(nn.Module):
         (`SHARED_SIDE_MAX_TOKENS`)."""
         return (
             self.shared_experts is not None
-            and x.is_cuda
-            and use_triton(x, None)
+            and use_triton(x, None)  # CUDA with Triton
             and SHARED_SIDE_STREAM
             and 0 < x.shape[0] <= SHARED_SIDE_MAX_TOKENS
             and type(self.text_moe.experts) is Experts

@@ -20,6 +20,22 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref.double()).norm() / ref.double().norm())
 
 
+def _fused_norm_calls(monkeypatch: pytest.MonkeyPatch, launcher: str) -> list[bool]:
+    """Spy on `kernels.triton_impl.gemv.<launcher>`: one entry a call, True when it carried a
+    fused norm."""
+    import kernels.triton_impl.gemv as gemv_impl
+
+    calls: list[bool] = []
+    real = getattr(gemv_impl, launcher)
+
+    def counting(*a, norm=None, **kw):  # type: ignore[no-untyped-def]
+        calls.append(norm is not None)
+        return real(*a, norm=norm, **kw)
+
+    monkeypatch.setattr(gemv_impl, launcher, counting)
+    return calls
+
+
 @needs_triton
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -333,7 +349,6 @@ def test_norm_in_the_qkv_launch_is_bit_identical(monkeypatch, m: int, with_resid
     """The layer's input norm inside the qkv launch equals the norm launch then the qkv
     launch, bit for bit: qkv, the cache rows and the residual stream out. The public entry
     takes the fused launch at one row with triton, and only there."""
-    import kernels.triton_impl.gemv as gemv_impl
     from engine.layers.rotary import TextRotary
     from kernels.gemv import norm_qkv_rope_linear, qkv_rope_linear
     from kernels.rms_norm import rms_norm
@@ -371,14 +386,7 @@ def test_norm_in_the_qkv_launch_is_bit_identical(monkeypatch, m: int, with_resid
                 norm = (res, nw, 1e-5, alias)
                 qkv_rope_triton(h, w, b, hq, hkv, *rope, *caches(), slots, norm=norm)
     # the public entry: fused at one row with triton, else the norm then qkv_rope_linear
-    fused_calls = []
-    real = gemv_impl.qkv_rope_triton
-
-    def counting(*a, norm=None, **kw):
-        fused_calls.append(norm is not None)
-        return real(*a, norm=norm, **kw)
-
-    monkeypatch.setattr(gemv_impl, "qkv_rope_triton", counting)
+    fused_calls = _fused_norm_calls(monkeypatch, "qkv_rope_triton")
     for impl in ("triton", "torch"):
         kc, vc = caches()
         fused_calls.clear()
@@ -400,7 +408,6 @@ def test_norm_in_a_gemv_launch_is_bit_identical(monkeypatch, m: int, with_residu
     """`norm_linear` (the shared experts' norm and gate_up on the side stream): the norm
     inside the GEMV launch equals the norm launch then the GEMV, bit for bit, output and
     residual stream out; the public entry fuses at one row with triton, and only there."""
-    import kernels.triton_impl.gemv as gemv_impl
     from kernels.gemv import norm_linear
     from kernels.rms_norm import rms_norm
     from kernels.triton_impl.gemv import GemvTiles, gemv_triton
@@ -422,14 +429,7 @@ def test_norm_in_a_gemv_launch_is_bit_identical(monkeypatch, m: int, with_residu
                 gemv_triton(h, w, norm=(res, nw, 1e-5, alias))
     with pytest.raises(AssertionError, match="plain GEMV"):
         gemv_triton(torch.cat([h, h], 1), w, gated=True, norm=(res, nw, 1e-5, torch.empty_like(h)))
-    fused_calls = []
-    real = gemv_impl.gemv_triton
-
-    def counting(*a, norm=None, **kw):
-        fused_calls.append(norm is not None)
-        return real(*a, norm=norm, **kw)
-
-    monkeypatch.setattr(gemv_impl, "gemv_triton", counting)
+    fused_calls = _fused_norm_calls(monkeypatch, "gemv_triton")
     for impl in ("triton", "torch"):
         fused_calls.clear()
         got, got_res = norm_linear(h, res, nw, 1e-5, w, impl=impl)
@@ -498,7 +498,6 @@ def test_norm_in_the_gate_up_launch_is_bit_identical_on_gpu(monkeypatch) -> None
     """At the 28B shared experts' gate_up (6144 x 2560, bf16, one row) on the GPU, where the
     row's sum of squares is reduced by real warps: the fused launch equals the norm launch
     then the GEMV, bit for bit."""
-    import kernels.triton_impl.gemv as gemv_impl
     from kernels.gemv import norm_linear
     from kernels.rms_norm import rms_norm
 
@@ -507,15 +506,8 @@ def test_norm_in_the_gate_up_launch_is_bit_identical_on_gpu(monkeypatch) -> None
     h, res = (torch.randn(1, 2560, device=dev, generator=g).bfloat16() * 4 for _ in range(2))
     nw = (torch.rand(2560, device=dev, generator=g) + 0.5).bfloat16()
     w = (torch.randn(6144, 2560, device=dev, generator=g) * 0.02).bfloat16()
-    calls = []
-    real = gemv_impl.gemv_triton
-
-    def counting(*a, **kw):  # type: ignore[no-untyped-def]
-        calls.append(kw)
-        return real(*a, **kw)
-
-    monkeypatch.setattr(gemv_impl, "gemv_triton", counting)
+    fused_calls = _fused_norm_calls(monkeypatch, "gemv_triton")
     got, got_res = norm_linear(h, res, nw, 1e-5, w)
-    assert calls and calls[0].get("norm") is not None  # the fused launch ran
+    assert fused_calls and fused_calls[0]  # the fused launch ran
     x, want_res = rms_norm(h, nw, 1e-5, res)
     assert torch.equal(got_res, want_res) and torch.equal(got, linear(x, w))
