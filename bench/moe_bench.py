@@ -31,10 +31,6 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cpu":
-        from tests.kernels.conftest import _patch_interpreter_for_numpy_2_4
-
-        _patch_interpreter_for_numpy_2_4()
     e, d, inter, k = (8, 64, 32, 2) if args.tiny else (64, 2560, 1536, 6)
     dt = torch.bfloat16
     g = torch.Generator(device="cpu").manual_seed(11)

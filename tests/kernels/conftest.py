@@ -15,9 +15,9 @@ import torch
 from kernels._dispatch import triton_available
 
 if triton_available():  # also applied on importing kernels.triton_impl; idempotent
-    from kernels.triton_impl._interpreter import patch_for_numpy_2_4
+    from kernels.triton_impl._interpreter import patch_interpreter
 
-    patch_for_numpy_2_4()
+    patch_interpreter()
 
 
 @pytest.fixture(autouse=True)
