@@ -108,6 +108,20 @@ _QKV_NORM = "kernels.gemv:QKV_NORM_FUSED"
 _UP_DOT = "kernels.triton_impl.gemv:MOE_UP_DOT"
 _UP_DOT_END = "kernels.triton_impl.gemv:UP_DOT_LAUNCH_AT_END"
 _UP_DOT_MIN = "kernels.triton_impl.gemv:UP_DOT_MIN_TOKENS"
+_BATCH_ROUTER = "kernels.moe:BATCH_ROUTER"
+_BATCH_TILES = "kernels.triton_impl.moe_routing:BATCH_ROUTE_TILES"
+
+
+def _batch_router(block_t: int, block_d: int = 128, num_warps: int = 4) -> dict[str, Any]:
+    """The batch router on, with these tiles at every batch."""
+
+    def tiles(_: Any) -> list[tuple[int, Any]]:
+        from kernels.triton_impl.moe_routing import BatchRouteTiles
+
+        return [(1 << 62, BatchRouteTiles(block_t, 16, block_d, num_warps))]
+
+    return {_BATCH_ROUTER: True, _BATCH_TILES: tiles}
+
 
 _S7_BEFORE = {
     _DEFER: False,
@@ -207,6 +221,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kernels.triton_impl.attention_decode:SMALL_BATCH_BLOCK_N": 64,
         "kernels.triton_impl.attention_decode:SMALL_BATCH_STAGES": None,
     },
+    # past the GEMV sizes the router's fp32 logits and routing in one launch of bf16
+    # tensor-core dots (three-piece weights), not cast + cuBLAS fp32 + split-K + route
+    "batch-router": {_BATCH_ROUTER: True},
+    "batch-router-t16": _batch_router(16),
+    "batch-router-t32": _batch_router(32),
+    "batch-router-t64": _batch_router(64),
+    "batch-router-t32-d256": _batch_router(32, 256),
+    "batch-router-t32-8w": _batch_router(32, 128, 8),
     # one attention split (b >= 66): partials and the merge launch, not the rows stored
     "-one-split": {"kernels.triton_impl.attention_decode:ONE_SPLIT_DIRECT": False},
     # the routed up launch as tensor-core dots with pipelined loads (on at 2-4 tokens):

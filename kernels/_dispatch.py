@@ -61,6 +61,23 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+CPU_SMS = 8
+"""What ``num_sms`` says off CUDA (the interpreter: any small number; tools/sm90_compile.py
+sets an H100's 132 so the tiles and grids it compiles are the card's)."""
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (``CPU_SMS`` off CUDA)."""
+    if device.type != "cuda":
+        return CPU_SMS
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 for fp32 inputs (the default would be TF32 on
     Hopper and lose ~3 decimal digits); irrelevant for 16-bit inputs."""

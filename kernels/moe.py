@@ -40,6 +40,15 @@ def route(
     return weights, topk_ids.to(torch.int32)
 
 
+BATCH_ROUTER = False
+"""Past the decode sizes, up to ``kernels.triton_impl.moe_routing.BATCH_ROUTE_MAX_TOKENS``
+bf16 tokens: the router's fp32 logits and the routing in one Triton launch of bf16
+tensor-core dots over exact three-piece splits of the fp32 weights
+(``batch_gate_route_triton``), instead of the cast, cuBLAS's fp32 GEMM, its split-K
+reduction and the routing launch. Off until measured on a card (decode_step_bench variant
+``batch-router``); read at trace time."""
+
+
 def gate_route(
     x: torch.Tensor,
     gate_weight: torch.Tensor,
@@ -54,6 +63,13 @@ def gate_route(
         from kernels.triton_impl.moe_routing import gate_route_triton
 
         return gate_route_triton(x, gate_weight.contiguous(), k, bias, norm_min)
+    if BATCH_ROUTER and use_triton(x, impl):
+        from kernels.triton_impl import moe_routing
+
+        if moe_routing.batch_router_applies(x, gate_weight):
+            return moe_routing.batch_gate_route_triton(
+                x, gate_weight.contiguous(), k, bias, norm_min
+            )
     logits = F.linear(x.float(), gate_weight.float())  # [T, E]
     return route(logits, k, bias, norm_min, impl=impl)
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import dot_precision, interpreting, next_pow2, use_pdl
+from kernels._dispatch import dot_precision, interpreting, next_pow2, num_sms, use_pdl
 from kernels.triton_impl.attention_decode import (
     _LOG2E,
     _attend_keys,
@@ -321,12 +321,6 @@ def sync_buffer(device: torch.device) -> torch.Tensor | None:
     return zeroed_counters(_SYNC, device, SYNC_SLOTS)
 
 
-def _sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the interpreter: any number
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 _RESIDENT: dict[tuple, int] = {}
 
 
@@ -353,7 +347,7 @@ def num_programs(device: torch.device, key: tuple | None = None) -> int:
     per_sm = PROGRAMS_PER_SM
     if key is not None and key in _RESIDENT:
         per_sm = min(per_sm, _RESIDENT[key])
-    return per_sm * _sms(device)
+    return per_sm * num_sms(device)
 
 
 def attention_block_triton(
@@ -386,7 +380,7 @@ def attention_block_triton(
     d = table.shape[1]
     n_qkv = qkv_weight.shape[0]
     # one program a SM always fits, so the splits never outnumber the programs
-    splits = max(1, min(NUM_SPLITS, _sms(h.device) // num_kv_heads))
+    splits = max(1, min(NUM_SPLITS, num_sms(h.device) // num_kv_heads))
     qkv = torch.empty(1, n_qkv, dtype=h.dtype, device=h.device)
     attn = torch.empty(1, num_heads * d, dtype=h.dtype, device=h.device)
     out = torch.empty(1, hidden, dtype=h.dtype, device=h.device)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import dot_precision, next_pow2, use_pdl
+from kernels._dispatch import dot_precision, next_pow2, num_sms, use_pdl
 from kernels.triton_impl.pdl import pdl_enter, pdl_launch, pdl_wait
 
 _LOG2E = 1.4426950408889634
@@ -440,10 +440,7 @@ def default_num_splits(
 
     Computed from shapes only (no device sync), so it is fixed for a CUDA-graph bucket.
     """
-    num_sms = 8  # the interpreter: any small number
-    if device.type == "cuda":
-        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    by_occupancy = -(-2 * num_sms // max(1, batch * num_kv_heads))
+    by_occupancy = -(-2 * num_sms(device) // max(1, batch * num_kv_heads))
     by_length = -(-max_context // max(1, MIN_KEYS_PER_SPLIT))
     return max(1, min(by_occupancy, by_length, 32))
 
@@ -499,14 +496,14 @@ def paged_attention_decode(
     if t == 0:
         return out
     max_context = max_blocks * block_size
-    num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+    sms = num_sms(q.device)
     if num_warps is None:
-        num_warps = 8 if b * hkv < num_sms else 4
-    small = b * hkv < num_sms
+        num_warps = 8 if b * hkv < sms else 4
+    small = b * hkv < sms
     if block_n is None:
         block_n = SMALL_BATCH_BLOCK_N if small else 64
     stages = NUM_STAGES if NUM_STAGES is not None or not small else SMALL_BATCH_STAGES
-    early = EARLY_KV and (EARLY_KV_ALWAYS or b * hkv < num_sms)
+    early = EARLY_KV and (EARLY_KV_ALWAYS or b * hkv < sms)
     if num_splits is None:
         num_splits = default_num_splits(b, hkv, max_context, q.device)
     counters = None

@@ -15,11 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import dot_precision
+from kernels._dispatch import dot_precision, use_pdl
 from kernels.moe import moe_align_block_size
 from kernels.triton_impl.gemv import fused_moe_decode
 from kernels.triton_impl.moe_grouped import fused_moe_grouped, use_grouped
 from kernels.triton_impl.moe_routing import ALIGN_MAX_ROWS, moe_align_triton, moe_combine_triton
+from kernels.triton_impl.pdl import pdl_enter
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,17 @@ MOE_TILES: list[tuple[int, MoeTiles]] = [
 DECODE_MAX_TOKENS = 4
 
 
+BATCH_PDL = False
+"""Past the decode sizes, the expert sort, both grouped GEMMs and the combine launch under
+PDL (``kernels.triton_impl.pdl``): each may be scheduled while the launch before it drains,
+as the decode chain's kernels are. Off until measured on a card (decode_step_bench variant
+``batch-pdl``); read at trace time."""
+BATCH_UP_PDL = False
+"""With ``BATCH_PDL``: the up GEMM under PDL also while the shared experts run on the side
+stream. Its programs, resident and waiting behind the sort, would hold the SM slots the
+side stream's kernels need (as at decode: ``kernels.triton_impl.gemv.UP_PDL_BESIDE``)."""
+
+
 def pick_tiles(num_tokens: int) -> MoeTiles:
     return next(tiles for bound, tiles in MOE_TILES if num_tokens <= bound)
 
@@ -79,7 +91,9 @@ def _moe_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
@@ -130,6 +144,7 @@ def _launch(
     gated: bool,
     mul_weight: bool,
     tiles: MoeTiles,
+    pdl: bool = False,
 ) -> None:
     sorted_ids, expert_ids, num_post = align
     n = c.shape[1]
@@ -161,8 +176,10 @@ def _launch(
         BLOCK_N=tiles.block_n,
         BLOCK_K=tiles.block_k,
         DOT_PRECISION=dot_precision(a.dtype),
+        PDL=pdl,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
+        launch_pdl=pdl,
     )
 
 
@@ -243,16 +260,18 @@ def _fused_moe_sorted(
     if block_m or block_n or block_k:
         bm, bn, bk = block_m or tiles.block_m, block_n or tiles.block_n, block_k or tiles.block_k
         tiles = MoeTiles(bm, bn, bk)
+    pdl = BATCH_PDL and use_pdl(x)
     if t * top_k <= ALIGN_MAX_ROWS:  # one launch instead of ~18
-        align = moe_align_triton(topk_ids.contiguous(), num_experts, tiles.block_m)
+        align = moe_align_triton(topk_ids.contiguous(), num_experts, tiles.block_m, pdl=pdl)
     else:
         align = moe_align_block_size(topk_ids, num_experts, tiles.block_m)
     inter = torch.empty(t * top_k, two_i // 2, dtype=x.dtype, device=x.device)  # [T*k, I]
-    _launch(x, w13, inter, topk_weights, align, top_k, True, False, tiles)
+    up_pdl = pdl and (BATCH_UP_PDL or add_stream is None)
+    _launch(x, w13, inter, topk_weights, align, top_k, True, False, tiles, pdl=up_pdl)
     # fp32 per-slot outputs so the k-way sum rounds once.
     down = torch.empty(t * top_k, d, dtype=torch.float32, device=x.device)  # [T*k, D]
-    _launch(inter, w2, down, topk_weights, align, 1, False, True, tiles)
+    _launch(inter, w2, down, topk_weights, align, 1, False, True, tiles, pdl=pdl)
     # k-way sum, rounding and the optional add (shared experts) in one pass
     if add_stream is not None:
         torch.cuda.current_stream(x.device).wait_stream(add_stream)
-    return moe_combine_triton(down.view(t, top_k, d), x.dtype, add)
+    return moe_combine_triton(down.view(t, top_k, d), x.dtype, add, pdl=pdl)

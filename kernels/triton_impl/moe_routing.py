@@ -7,12 +7,15 @@ launch of ~2 us for a few hundred bytes of work, per MoE layer, so they dominate
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels import _dispatch
-from kernels._dispatch import next_pow2, use_pdl
+from kernels._dispatch import next_pow2, num_sms, use_pdl
+from kernels.triton_impl.attention_decode import zeroed_counters
 from kernels.triton_impl.pdl import pdl_enter, pdl_launch, pdl_wait
 from kernels.triton_impl.rms_norm import NUM_WARPS as NORM_NUM_WARPS
 from kernels.triton_impl.rms_norm import add_residual, rms_apply, rms_rstd
@@ -466,6 +469,246 @@ def _launch(
 
 
 @triton.jit
+def _route_rows(
+    x, offs_t, mask_t, offs_e, mask_e, bias_ptr, weights_ptr, ids_ptr, norm_min,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # `_route_token` for a block of tokens at once: x [BLOCK_T, BLOCK_E] fp32 logits (columns
+    # past E ignored); each row's softmax, biased top-k (k rounds of a row-wise argmax, first
+    # index on ties) and renormalised weights, stored for the rows in mask_t.
+    x = tl.where(mask_e[None, :], x, float("-inf"))
+    p = tl.exp(x - tl.max(x, axis=1)[:, None])
+    p = p / tl.sum(p, axis=1)[:, None]  # [BLOCK_T, BLOCK_E]; 0 past E
+    score = p
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_e, mask=mask_e, other=0.0).to(tl.float32)
+        score = p + bias[None, :]
+    score = tl.where(mask_e[None, :], score, float("-inf"))
+    offs_k = tl.arange(0, BLOCK_K)
+    w = tl.zeros([x.shape[0], BLOCK_K], dtype=tl.float32)
+    ids = tl.zeros([x.shape[0], BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(K):
+        best = tl.argmax(score, axis=1)  # [BLOCK_T]
+        pick = offs_e[None, :] == best[:, None]
+        slot = offs_k[None, :] == j
+        w = tl.where(slot, tl.sum(tl.where(pick, p, 0.0), axis=1)[:, None], w)
+        ids = tl.where(slot, best.to(tl.int32)[:, None], ids)
+        score = tl.where(pick, float("-inf"), score)
+    w = w / tl.maximum(tl.sum(w, axis=1), norm_min)[:, None]
+    at = offs_t[:, None] * K + offs_k[None, :]
+    mask = mask_t[:, None] & (offs_k < K)[None, :]
+    tl.store(weights_ptr + at, w, mask=mask)
+    tl.store(ids_ptr + at, ids, mask=mask)
+
+
+@triton.jit
+def _batch_gate_route_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    part_ptr,
+    count_ptr,
+    weights_ptr,
+    ids_ptr,
+    T,
+    D,
+    D_PER,
+    stride_xt,
+    norm_min,
+    E: tl.constexpr,
+    K: tl.constexpr,
+    SPLITS: tl.constexpr,
+    NPROG: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    E_PER: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    # Grid (token blocks, expert blocks, hidden splits): program (b, c, s) computes the
+    # logits of tokens [b*BLOCK_T, ...) for experts [c*E_PER, ...) over hidden columns
+    # [s*D_PER, (s+1)*D_PER) on tensor cores, publishes them in part[s] and bumps the token
+    # block's counter; the program that bumps it last (acq_rel atomics order the stores)
+    # sums the SPLITS parts in split order, routes the block (`_route_rows`) and puts the
+    # counter back to zero.
+    #
+    # fp32 logits from bf16 dots: each fp32 router weight w is the exact sum of three bf16
+    # pieces (hi = bf16(w), mid = bf16(w - hi), lo = w - hi - mid: 8 + 8 + 8 significant
+    # bits), and a bf16 hidden value times a bf16 piece is exact in the fp32 accumulator.
+    # So the logits carry fp32 products summed in fp32, as `F.linear(x.float(), W)` has
+    # them, in another order; one bf16 piece alone would be ~3 decimal digits short.
+    pdl_enter(PDL)
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    s = tl.program_id(2)
+    offs_t = b * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_t = offs_t < T
+    rows = offs_t.to(tl.int64)
+    offs_e = c * E_PER + tl.arange(0, E_PER)
+    mask_e = offs_e < E
+    d_end = tl.minimum(s * D_PER + D_PER, D)
+    acc = tl.zeros([BLOCK_T, E_PER], dtype=tl.float32)
+    for d0 in range(s * D_PER, d_end, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < d_end
+        xv = tl.load(
+            x_ptr + rows[:, None] * stride_xt + offs_d[None, :],
+            mask=mask_t[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_T, BLOCK_D] bf16
+        w = tl.load(
+            w_ptr + offs_e[None, :] * D + offs_d[:, None],
+            mask=mask_d[:, None] & mask_e[None, :],
+            other=0.0,
+        )  # [BLOCK_D, E_PER] fp32
+        hi = w.to(tl.bfloat16)
+        rest = w - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(xv, lo, acc)  # the small pieces first
+        acc = tl.dot(xv, mid, acc)
+        acc = tl.dot(xv, hi, acc)
+    part = part_ptr + s * T * E + rows[:, None] * E + offs_e[None, :]
+    tl.store(part, acc, mask=mask_t[:, None] & mask_e[None, :])
+    # every warp's logits stored before the (acq_rel) arrival publishes them
+    tl.debug_barrier()
+    last = tl.atomic_add(count_ptr + b, 1) == NPROG - 1
+    if last:
+        tl.atomic_xchg(count_ptr + b, 0)
+        offs = tl.arange(0, BLOCK_E)
+        mask = offs < E
+        at = rows[:, None] * E + offs[None, :]
+        m2 = mask_t[:, None] & mask[None, :]
+        logits = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.float32)
+        for i in tl.static_range(SPLITS):
+            logits += tl.load(part_ptr + i * T * E + at, mask=m2, other=0.0, volatile=True)
+        _route_rows(
+            logits, offs_t, mask_t, offs, mask, bias_ptr, weights_ptr, ids_ptr, norm_min,
+            K, HAS_BIAS, BLOCK_K,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BatchRouteTiles:
+    """Tokens and experts a program of the batch router multiplies, hidden columns a step."""
+
+    block_t: int
+    experts_per_program: int = 16
+    block_d: int = 128
+    num_warps: int = 4
+
+
+BATCH_ROUTE_TILES: list[tuple[int, BatchRouteTiles]] = [
+    (64, BatchRouteTiles(16)),
+    (1 << 62, BatchRouteTiles(32)),
+]
+"""(max tokens, tiles), first match wins. Not tuned on a card yet (bench/router_bench.py)."""
+
+BATCH_ROUTE_MAX_TOKENS = 512
+"""Up to this many tokens `batch_gate_route_triton` applies when `kernels.moe.BATCH_ROUTER`
+asks for it; beyond, the tokens' blocks alone fill the card and cuBLAS's GEMM is the
+better tool."""
+BATCH_ROUTE_COUNTERS = 64
+"""Token blocks a launch may have (arrival counters kept per device)."""
+_BATCH_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def batch_route_splits(
+    t: int, e: int, d: int, tiles: BatchRouteTiles, device: torch.device
+) -> tuple[int, int]:
+    """(hidden splits, columns a split): enough programs for about one wave of the SMs, each
+    split a whole number of BLOCK_D steps. Shapes only, fixed for a CUDA-graph bucket."""
+    blocks = triton.cdiv(t, tiles.block_t) * triton.cdiv(e, tiles.experts_per_program)
+    steps = triton.cdiv(d, tiles.block_d)
+    want = max(1, min(steps, num_sms(device) // blocks))
+    d_per = triton.cdiv(steps, want) * tiles.block_d
+    return triton.cdiv(d, d_per), d_per
+
+
+def batch_router_applies(x: torch.Tensor, gate_weight: torch.Tensor) -> bool:
+    """bf16 hidden rows, an fp32 router, 1..BATCH_ROUTE_MAX_TOKENS tokens, counters ready."""
+    t = x.shape[0]
+    tiles = pick_batch_route_tiles(t)
+    return (
+        x.dtype == torch.bfloat16
+        and gate_weight.dtype == torch.float32
+        and 0 < t <= BATCH_ROUTE_MAX_TOKENS
+        and triton.cdiv(t, tiles.block_t) <= BATCH_ROUTE_COUNTERS
+        and x.stride(-1) == 1
+        and zeroed_counters(_BATCH_COUNTERS, x.device, BATCH_ROUTE_COUNTERS) is not None
+    )
+
+
+def pick_batch_route_tiles(t: int) -> BatchRouteTiles:
+    return next(tiles for bound, tiles in BATCH_ROUTE_TILES if t <= bound)
+
+
+def batch_gate_route_triton(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None,
+    norm_min: float,
+    tiles: BatchRouteTiles | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``kernels.moe.gate_route`` for bf16 ``x``; one launch (the cast, the
+    fp32 GEMM and its split-K reduction, and the routing launch otherwise)."""
+    # T tokens, D hidden, E experts, S hidden splits
+    t, d = x.shape
+    e = gate_weight.shape[0]
+    tiles = tiles or pick_batch_route_tiles(t)
+    nblocks = triton.cdiv(t, tiles.block_t)
+    assert x.dtype == torch.bfloat16 and x.stride(1) == 1, (x.dtype, x.stride())
+    assert gate_weight.dtype == torch.float32 and gate_weight.is_contiguous(), gate_weight.dtype
+    assert gate_weight.shape == (e, d) and 0 < k <= e, (gate_weight.shape, k)
+    assert t > 0 and nblocks <= BATCH_ROUTE_COUNTERS, (t, tiles)
+    for size in (tiles.block_t, tiles.experts_per_program, tiles.block_d):
+        assert size >= 16 and size == next_pow2(size), tiles  # tl.dot's smallest tile
+    if bias is not None:
+        bias = bias.reshape(-1)
+        assert bias.shape == (e,) and bias.is_contiguous(), bias.shape
+    dev = x.device
+    counters = zeroed_counters(_BATCH_COUNTERS, dev, BATCH_ROUTE_COUNTERS)
+    assert counters is not None, "batch router counters are made by an eager call first"
+    splits, d_per = batch_route_splits(t, e, d, tiles, dev)
+    nexp = triton.cdiv(e, tiles.experts_per_program)
+    part = torch.empty(splits, t, e, dtype=torch.float32, device=dev)  # [S, T, E] scratch
+    weights = torch.empty(t, k, dtype=torch.float32, device=dev)  # [T, k]
+    ids = torch.empty(t, k, dtype=torch.int32, device=dev)  # [T, k]
+    pdl = use_pdl(x)
+    _batch_gate_route_kernel[(nblocks, nexp, splits)](
+        x,
+        gate_weight,
+        gate_weight if bias is None else bias,  # placeholder pointer when unused
+        part,
+        counters,
+        weights,
+        ids,
+        t,
+        d,
+        d_per,
+        x.stride(0),
+        norm_min,
+        E=e,
+        K=k,
+        SPLITS=splits,
+        NPROG=nexp * splits,
+        HAS_BIAS=bias is not None,
+        BLOCK_T=tiles.block_t,
+        E_PER=tiles.experts_per_program,
+        BLOCK_D=tiles.block_d,
+        BLOCK_E=next_pow2(e),
+        BLOCK_K=next_pow2(k),
+        PDL=pdl,
+        num_warps=tiles.num_warps,
+        launch_pdl=pdl,
+    )
+    return weights, ids
+
+
+@triton.jit
 def _align_kernel(
     ids_ptr,
     sorted_ptr,
@@ -481,10 +724,12 @@ def _align_kernel(
     BLOCK_E: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     # One program. Phases are separated by barriers: a CTA sees its own global writes
     # after __syncthreads. Rows inside an expert's run come in atomic order, not stable
     # order; the GEMM does not care (each row is written back by its own id).
+    pdl_enter(PDL)
     offs_e = tl.arange(0, BLOCK_E)
     mask_e = offs_e < E
     tl.store(scratch_ptr + offs_e, tl.zeros([BLOCK_E], dtype=tl.int32), mask=mask_e)
@@ -522,9 +767,10 @@ ALIGN_MAX_ROWS = 4096
 
 
 def moe_align_triton(
-    topk_ids: torch.Tensor, num_experts: int, block_m: int
+    topk_ids: torch.Tensor, num_experts: int, block_m: int, pdl: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``kernels.moe.moe_align_block_size`` (order inside a run may differ)."""
+    """Same contract as ``kernels.moe.moe_align_block_size`` (order inside a run may differ).
+    ``pdl``: launched under PDL (``kernels.triton_impl.pdl``; the caller checks the device)."""
     # n flat (token, slot) rows, E experts, P padded rows, NB row blocks
     n = topk_ids.numel()
     assert 0 < n <= ALIGN_MAX_ROWS, n
@@ -550,7 +796,9 @@ def moe_align_triton(
         BLOCK_E=next_pow2(num_experts),
         BLOCK_P=1024,
         BLOCK_B=64,
+        PDL=pdl,
         num_warps=8 if n > 1024 else 4,
+        launch_pdl=pdl,
     )
     return sorted_ids, expert_ids, num_post
 
@@ -564,7 +812,9 @@ def _combine_kernel(
     K: tl.constexpr,
     HAS_ADD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -579,9 +829,10 @@ def _combine_kernel(
 
 
 def moe_combine_triton(
-    down: torch.Tensor, dtype: torch.dtype, add: torch.Tensor | None
+    down: torch.Tensor, dtype: torch.dtype, add: torch.Tensor | None, pdl: bool = False
 ) -> torch.Tensor:
-    """down ``[T, k, D]`` fp32 per-slot outputs -> ``sum_k`` rounded to dtype (+ add)."""
+    """down ``[T, k, D]`` fp32 per-slot outputs -> ``sum_k`` rounded to dtype (+ add);
+    ``pdl`` as for ``moe_align_triton``."""
     # T tokens, k slots, D hidden
     t, k, d = down.shape
     assert down.is_contiguous() and down.dtype == torch.float32, (down.stride(), down.dtype)
@@ -592,6 +843,7 @@ def moe_combine_triton(
         return out
     block = 1024
     _combine_kernel[(t, triton.cdiv(d, block))](
-        down, down if add is None else add, out, d, K=k, HAS_ADD=add is not None, BLOCK_D=block
-    )
+        down, down if add is None else add, out, d, K=k, HAS_ADD=add is not None, BLOCK_D=block,
+        PDL=pdl, launch_pdl=pdl,
+    )  # fmt: skip
     return out
