@@ -110,6 +110,7 @@ _UP_DOT_END = "kernels.triton_impl.gemv:UP_DOT_LAUNCH_AT_END"
 _UP_DOT_MIN = "kernels.triton_impl.gemv:UP_DOT_MIN_TOKENS"
 _BATCH_ROUTER = "kernels.moe:BATCH_ROUTER"
 _BATCH_TILES = "kernels.triton_impl.moe_routing:BATCH_ROUTE_TILES"
+_BATCH_PDL = "kernels.triton_impl.moe:BATCH_PDL"
 
 
 def _batch_router(block_t: int, block_d: int = 128, num_warps: int = 4) -> dict[str, Any]:
@@ -229,6 +230,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "batch-router-t64": _batch_router(64),
     "batch-router-t32-d256": _batch_router(32, 256),
     "batch-router-t32-8w": _batch_router(32, 128, 8),
+    # past the GEMV sizes the sort, grouped GEMMs and combine under PDL (the up GEMM too
+    # beside the side stream's shared experts: -up)
+    "batch-pdl": {_BATCH_PDL: True},
+    "batch-pdl-up": {_BATCH_PDL: True, "kernels.triton_impl.moe:BATCH_UP_PDL": True},
+    "batch-router-pdl": {_BATCH_ROUTER: True, _BATCH_PDL: True},
     # one attention split (b >= 66): partials and the merge launch, not the rows stored
     "-one-split": {"kernels.triton_impl.attention_decode:ONE_SPLIT_DIRECT": False},
     # the routed up launch as tensor-core dots with pipelined loads (on at 2-4 tokens):
@@ -334,6 +340,8 @@ EXACT = {
     "qkv-pre4",
     "logits-fp32",
     "-rope-table",
+    "batch-pdl",
+    "batch-pdl-up",
 }  # launch switches only: logits must be bit-identical
 
 
