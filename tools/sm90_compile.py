@@ -3,7 +3,8 @@
 The CPU interpreter runs a kernel's arithmetic but never compiles it: a dot shape the
 hardware refuses, a PDL intrinsic, a layout conversion that fails in the backend, or
 registers spilling at the real tile sizes show only on a card. This tool calls each
-kernel's launcher with CPU tensors at the 28B-A3B shapes, records the launches instead of
+kernel's launcher with CPU tensors at the 28B-A3B shapes (and, case ``model``, runs the
+engine's decode and prefill steps on a two-layer 28B model), records the launches instead of
 running them (``JITFunction.run`` is swapped for a recorder: nothing executes, outputs stay
 uninitialised), then compiles every recorded launch for sm_90a with triton's own backend
 and its bundled ptxas, as the card's Triton would (Triton 3.6 on the device, the version
@@ -65,13 +66,18 @@ PTX_MARKS = ("mma.sync", "wgmma.mma_async", "griddepcontrol", "atom.", "cp.async
 
 @contextlib.contextmanager
 def recording(into: list[Launch], case: str) -> Iterator[None]:
-    """Launches inside are recorded, not run."""
+    """Launches inside are recorded, not run. A launch's integer tensors are zeroed once it
+    is recorded: what a kernel would have written there (expert ids, sorted rows) is then
+    a valid index for the torch code that reads it next, where garbage would crash."""
     from triton.runtime.jit import JITFunction
 
     real = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):  # type: ignore[no-untyped-def]
         into.append(Launch(self, args, dict(kwargs), grid, case))
+        for a in (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor) and not a.is_floating_point():
+                a.zero_()
 
     JITFunction.run = record  # type: ignore[method-assign]
     try:
@@ -144,6 +150,55 @@ def _case_attention_decode() -> None:
                                HEAD_DIM**-0.5)  # fmt: skip
 
 
+def _case_model() -> None:
+    """Every launch the engine makes for decode steps at b1 / b4 / b64 / b256 (768-token
+    context) and a 2 x 512 prefill, through the model code, on a 28B text model cut to two
+    layers (a dense one and a MoE one) whose weights are allocated and never written. The
+    Triton path is taken on CPU tensors (``use_triton`` says yes); the shared experts run
+    inline (the side stream needs CUDA; its kernels are the ones in the launches here)."""
+    import dataclasses
+
+    import engine.layers.moe as moe_layer
+    import kernels._dispatch as dispatch
+    from bench.gpu_bench import BLOCK, hf_config_dict, seqs_decode, seqs_prefill
+    from engine.config import ModelConfig
+    from engine.model_runner import ModelRunner
+    from engine.models import _init_buffers, build_model
+
+    d = hf_config_dict(False)
+    d["text_config"].update(num_hidden_layers=2, mlp_layer_types=["dense", "sparse"])
+    cfg = dataclasses.replace(ModelConfig.from_dict(d), vision=None)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg)
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device="cpu")
+    _init_buffers(model, cfg)
+    real = dispatch.use_triton
+    users = [m for m in list(sys.modules.values()) if getattr(m, "use_triton", None) is real]
+    side = moe_layer.SHARED_SIDE_MAX_TOKENS
+    for mod in users:
+        mod.use_triton = lambda x, impl: impl != "torch"  # type: ignore[attr-defined]
+    moe_layer.SHARED_SIDE_MAX_TOKENS = 0
+    try:
+        ctx = 768
+        per = -(-ctx // BLOCK)
+        runner = ModelRunner(model, cfg, per * 256 + 1, BLOCK, torch.bfloat16,
+                             torch.device("cpu"), cuda_graphs=False)  # fmt: skip
+        vocab, is3d = cfg.text.vocab_size, cfg.text.mrope_section is not None
+        with torch.no_grad():
+            for b in (1, 4, 64, 256):
+                runner.run(seqs_decode(b, ctx, vocab, per, is3d))
+            runner.run(seqs_prefill(2, 512, vocab, per, is3d))
+    finally:
+        for mod in users:
+            mod.use_triton = real  # type: ignore[attr-defined]
+        moe_layer.SHARED_SIDE_MAX_TOKENS = side
+
+
 CASES: dict[str, Callable[[], None]] = {
     "batch_router": _case_batch_router,
     "router_decode": _case_router_decode,
@@ -151,6 +206,7 @@ CASES: dict[str, Callable[[], None]] = {
     "moe_decode": _case_moe_decode,
     "norm": _case_norm,
     "attention_decode": _case_attention_decode,
+    "model": _case_model,
 }
 
 
@@ -253,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
     launches = record_cases(names, pdl=not args.no_pdl, sms=args.sms)
     failed = 0
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()  # per case: triton caches repeats
     for launch in launches:
-        key = (launch.fn.__name__, _constexpr_summary(launch) + repr(launch.grid))
+        key = (launch.case, launch.fn.__name__, _constexpr_summary(launch) + repr(launch.grid))
         if key in seen:
             continue
         seen.add(key)
